@@ -1,0 +1,177 @@
+"""Update rules (how pushes become optimizer steps) and the push ledger.
+
+An update rule is handed to the server behind a narrow interface::
+
+    on_push(worker, clk, grads, tick) -> None   # may apply a step, advance clocks
+    on_clock(worker, clk) -> None               # a clock completed with no push
+    on_membership() -> None                     # a worker died or (re)joined
+
+``ApplyOnArrival`` (staleness > 0): every push is one optimizer step.
+``SyncAveraging`` (staleness 0): the gradients of one clock are summed, and
+once every live worker has completed the clock their average is applied as
+one step, so the result equals synchronous data-parallel training.
+
+``PushLedger`` makes pushes idempotent: a push is identified by
+(worker, incarnation, sequence number); one already applied is acknowledged
+again and not applied twice.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from common.errors import ErrorCode, ProtocolError
+from common.plan import frame_slices
+from ps.ssp import SSPGate
+
+
+class ApplyOnArrival:
+    """SSP/ASP: apply each push as it arrives (one optimizer step per push)."""
+
+    def __init__(self, gate: SSPGate, step: Callable[[Sequence[torch.Tensor], float], None],
+                 lr_scale: Callable[[int, int], float] | None = None):
+        self.gate = gate
+        self._step = step
+        self._lr_scale = lr_scale
+
+    def on_push(self, w: int, clk: int, grads: Sequence[torch.Tensor], tick: bool) -> None:
+        scale = self._lr_scale(w, clk) if self._lr_scale else 1.0
+        self._step(grads, scale)
+        if tick:
+            self.gate.advance(w, clk + 1)
+
+    def on_clock(self, w: int, clk: int) -> None:
+        self.gate.advance(w, clk + 1)
+
+    def on_membership(self) -> None:
+        pass
+
+    def rejoin_clock(self, w: int, start: int) -> int:
+        return start
+
+
+class SyncAveraging:
+    """BSP: average the gradients of one clock over the workers, one step per clock."""
+
+    def __init__(self, gate: SSPGate, step: Callable[[Sequence[torch.Tensor], float], None],
+                 n: int, chunk_elems: int):
+        self.gate = gate
+        self._step = step
+        self.n = n
+        self._slices = frame_slices(n, chunk_elems)
+        self._sum: torch.Tensor | None = None
+        self._contributors: set[int] = set()
+        self._ticked: set[int] = set()
+        self.steps_applied = 0
+
+    @property
+    def clock(self) -> int:
+        """The clock being accumulated."""
+        return max(self.gate.min_clock, 0)
+
+    def _check_clock(self, w: int, clk: int) -> None:
+        if clk != self.gate.workers[w].clock or w in self._ticked:
+            raise ProtocolError(
+                f"worker {w} sent clock {clk}, but with staleness 0 this server "
+                f"accumulates clock {self.clock} and worker {w} is at "
+                f"{self.gate.workers[w].clock}{' (already completed)' if w in self._ticked else ''}",
+                ErrorCode.BAD_CLOCK)
+
+    def on_push(self, w: int, clk: int, grads: Sequence[torch.Tensor], tick: bool) -> None:
+        self._check_clock(w, clk)
+        if self._sum is None:
+            self._sum = torch.zeros(self.n, dtype=torch.float32)
+            fresh = True
+        else:
+            fresh = not self._contributors
+        for (a, b), g in zip(self._slices, grads):
+            if fresh:
+                self._sum[a:b].copy_(g)
+            else:
+                self._sum[a:b].add_(g)
+        self._contributors.add(w)
+        if tick:
+            self._ticked.add(w)
+            self._maybe_apply()
+
+    def on_clock(self, w: int, clk: int) -> None:
+        self._check_clock(w, clk)
+        self._ticked.add(w)
+        self._maybe_apply()
+
+    def on_membership(self) -> None:
+        self._maybe_apply()
+
+    def _maybe_apply(self) -> None:
+        live = self.gate.live_workers()
+        if not live or any(w not in self._ticked for w in live):
+            return
+        if self._contributors:
+            self._sum.div_(len(self._contributors))
+            self._step([self._sum[a:b] for a, b in self._slices], 1.0)
+            self.steps_applied += 1
+        target = self.clock + 1
+        for w in self._ticked:
+            self.gate.advance(w, target)
+        self._contributors.clear()
+        self._ticked.clear()
+
+    def rejoin_clock(self, w: int, start: int) -> int:
+        """Clock a rejoining worker starts at.
+
+        If its previous incarnation already completed the clock being
+        accumulated, that contribution stays counted and the new incarnation
+        starts at the next clock (its push for this clock would count twice).
+        """
+        if w in self._ticked:
+            self.gate.advance(w, start + 1)
+            return start + 1
+        return start
+
+
+class PushLedger:
+    """Which (worker, incarnation, seq) pushes have been applied."""
+
+    MAX_OUT_OF_ORDER = 4096
+
+    def __init__(self):
+        self._inc: dict[int, int] = {}
+        self._mark: dict[int, int] = {}       # every seq <= mark is applied
+        self._extra: dict[int, set[int]] = {}  # applied seqs above the mark
+
+    def reset(self, w: int, incarnation: int) -> None:
+        self._inc[w] = incarnation
+        self._mark[w] = -1
+        self._extra[w] = set()
+
+    def incarnation(self, w: int) -> int | None:
+        return self._inc.get(w)
+
+    def applied(self, w: int, seq: int) -> bool:
+        return seq <= self._mark.get(w, -1) or seq in self._extra.get(w, ())
+
+    def record(self, w: int, seq: int) -> None:
+        extra = self._extra.setdefault(w, set())
+        mark = self._mark.get(w, -1)
+        if seq <= mark:
+            return
+        extra.add(seq)
+        while mark + 1 in extra:
+            mark += 1
+            extra.discard(mark)
+        if len(extra) > self.MAX_OUT_OF_ORDER:  # bound memory: assume the oldest gap is lost
+            mark = min(extra)
+            extra.discard(mark)
+            while mark + 1 in extra:
+                mark += 1
+                extra.discard(mark)
+        self._mark[w] = mark
+
+    def last_seq(self, w: int) -> int:
+        extra = self._extra.get(w)
+        return max(extra) if extra else self._mark.get(w, -1)
+
+    def state(self) -> dict:
+        return {str(w): {"inc": self._inc[w], "mark": self._mark.get(w, -1),
+                         "extra": sorted(self._extra.get(w, ()))} for w in self._inc}

@@ -1,0 +1,445 @@
+"""``ShardServer``: the ROUTER event loop of one server process.
+
+One thread owns the ROUTER socket.  Every request is decoded defensively
+(``common.protocol.decode``), checked against the partition plan, handled,
+and answered with its reply or a typed ERROR.  A bad message changes no
+state.  Reads that do not yet satisfy the staleness bound are parked in the
+``SSPGate`` (no thread blocks) and answered the moment ``min_clock``
+advances, or expire at their deadline with the workers that hold them back.
+
+Lifecycle (as every long-lived zps component)::
+
+    server = ShardServer(settings)      # binds; server.endpoint is the real address
+    server.run_in_background()          # or server.serve() in the calling thread
+    server.shutdown(timeout=5)          # ask, join; idempotent
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from typing import Callable
+
+import msgpack
+import numpy as np
+import torch
+import zmq
+
+from common import protocol as proto
+from common.config import ServerSettings, describe, staleness_to_wire
+from common.errors import ConfigError, ErrorCode, ProtocolError
+from common.plan import PartitionPlan
+from common.protocol import Message, MsgType
+from ps.optim import OptimizerSpec, ShardOptimizer
+from ps.rules import ApplyOnArrival, PushLedger, SyncAveraging
+from ps.shard import ShardStore
+from ps.ssp import SSPGate
+
+log = logging.getLogger("zps.server")
+
+#: Longest the loop sleeps in poll, so liveness is checked even when idle (seconds).
+MAX_POLL_SECONDS = 0.5
+#: Messages handled per wake-up before timers are looked at again.
+BATCH = 256
+
+
+class ShardServer:
+    """Holds one range of the flat parameter vector and serves pushes and pulls."""
+
+    def __init__(self, settings: ServerSettings, ctx: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self._clock = clock
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.incarnation = int.from_bytes(os.urandom(4), "little") | 1
+        self.gate = SSPGate(settings.staleness, settings.num_workers, settings.worker_timeout, clock())
+        self.ledger = PushLedger()
+        self.plan: PartitionPlan | None = None
+        self.store: ShardStore | None = None
+        self.optimizer: ShardOptimizer | None = None
+        self.rule = None
+        self.stats = {
+            "requests": 0, "pushes": 0, "pulls": 0, "dup_pushes": 0, "nonfinite": 0,
+            "errors": {}, "bytes_in": 0, "bytes_out": 0, "parked_total": 0,
+            "expired_reads": 0, "unroutable": 0, "send_blocked": 0, "dead_workers": [],
+        }
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        # The socket is created and bound here so ``endpoint`` is known at once;
+        # after this it is used only by the thread that runs ``serve``.
+        t = settings.transport
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.LINGER, int(t.linger * 1000))
+        self.sock.setsockopt(zmq.SNDHWM, t.sndhwm)
+        self.sock.setsockopt(zmq.RCVHWM, t.rcvhwm)
+        if t.max_msg_bytes:
+            self.sock.setsockopt(zmq.MAXMSGSIZE, t.max_msg_bytes)
+        self.sock.bind(settings.bind)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._wake_addr = f"inproc://zps-server-wake-{id(self)}"
+        self._wake_rx = self.ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(self._wake_addr)
+        self._wake_tx = self.ctx.socket(zmq.PAIR)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+    def run_in_background(self) -> "ShardServer":
+        self._thread = threading.Thread(target=self.serve, name=f"zps-server-{self.settings.rank}",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        """Ask the loop to stop and wait up to ``timeout`` seconds; True if it stopped."""
+        if not self._done.is_set():
+            with self._wake_lock:
+                try:
+                    self._wake_tx.send(b"stop", zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("server %d did not stop within %.1fs", self.settings.rank, timeout)
+                return False
+        stopped = self._done.is_set() or self._thread is None
+        if stopped:
+            self._close()
+        return stopped
+
+    def _close(self) -> None:
+        for s in (self._wake_tx, self._wake_rx, self.sock):
+            s.close(linger=int(self.settings.transport.linger * 1000))
+        if self._own_ctx:
+            self.ctx.term()
+
+    # ------------------------------------------------------------ loop
+    def serve(self) -> None:
+        """Run the event loop in the calling thread until SHUTDOWN or ``shutdown()``."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        self._ready.set()
+        log.info("server %d serving on %s (staleness %s, %d workers)", self.settings.rank,
+                 self.endpoint, self.settings.staleness, self.settings.num_workers)
+        try:
+            while not self._stopping:
+                now = self._clock()
+                nd = self.gate.next_deadline()
+                wait = MAX_POLL_SECONDS if nd is None else min(MAX_POLL_SECONDS, max(0.0, nd - now))
+                events = dict(poller.poll(int(math.ceil(wait * 1000))))
+                if self._wake_rx in events:
+                    self._wake_rx.recv(zmq.NOBLOCK)
+                    self._stopping = True
+                    break
+                if self.sock in events:
+                    for _ in range(BATCH):
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                        if self._stopping:
+                            break
+                self._advance_time()
+        finally:
+            for token in self.gate.drain():
+                ident, rid = token[0], token[1]
+                self._send(ident, proto.error_frames(rid, ErrorCode.SHUTTING_DOWN, "server is stopping"))
+            self._done.set()
+            log.info("server %d stopped", self.settings.rank)
+            if self._thread is None:
+                self._close()
+
+    def _advance_time(self) -> None:
+        released, expired, died = self.gate.poll(self._clock(), ready=self._initialized)
+        for w in died:
+            log.warning("worker %d missed heartbeats for %.1fs: dropped from min_clock",
+                        w, self.settings.worker_timeout)
+            self.stats["dead_workers"].append(w)
+        if died and self.rule is not None:
+            self.rule.on_membership()
+            released2, expired2, _ = self.gate.poll(self._clock(), ready=self._initialized)
+            released += released2
+            expired += expired2
+        for token in released:
+            self._reply_pull(*token)
+        for exp in expired:
+            ident, rid, clk, w = exp.token
+            self.stats["expired_reads"] += 1
+            self._error(ident, rid, ErrorCode.STALE_TIMEOUT,
+                        f"read at clock {clk} needs min_clock >= {exp.need} but min_clock is "
+                        f"{self.gate.min_clock}; held back by workers {list(exp.blockers)}",
+                        {"blockers": list(exp.blockers), "need": int(exp.need),
+                         "min_clock": self.gate.min_clock})
+
+    @property
+    def _initialized(self) -> bool:
+        return self.store is not None and self.store.initialized
+
+    # ------------------------------------------------------------ dispatch
+    def _handle(self, frames: list) -> None:
+        ident = frames[0].bytes
+        body = frames[1:]
+        self.stats["requests"] += 1
+        self.stats["bytes_in"] += sum(len(f) for f in body)
+        try:
+            msg = proto.decode(body)
+        except ProtocolError as exc:
+            self._error(ident, _peek_rid(body), exc.code, str(exc))
+            return
+        handler = self._handlers.get(msg.type)
+        if handler is None:
+            self._error(ident, msg.rid, ErrorCode.UNKNOWN_TYPE,
+                        f"{msg.type.name} is not a request a server handles")
+            return
+        try:
+            handler(self, ident, msg)
+        except ProtocolError as exc:
+            self._error(ident, msg.rid, exc.code, str(exc))
+        except ConfigError as exc:
+            self._error(ident, msg.rid, ErrorCode.MALFORMED, str(exc))
+        except Exception as exc:  # never let one request kill the server
+            log.exception("server %d: internal error handling %s", self.settings.rank, msg.type.name)
+            self._error(ident, msg.rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _send(self, ident: bytes, frames: list) -> bool:
+        try:
+            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.stats["send_blocked"] += 1
+            log.warning("server %d: reply dropped, the peer's queue is full (raise sndhwm)",
+                        self.settings.rank)
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self.stats["unroutable"] += 1
+                return False
+            raise
+        self.stats["bytes_out"] += sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes
+                                       for f in frames)
+        return True
+
+    def _error(self, ident: bytes, rid: int, code: ErrorCode, message: str, detail: dict | None = None):
+        errs = self.stats["errors"]
+        name = ErrorCode(code).name
+        errs[name] = errs.get(name, 0) + 1
+        self._send(ident, proto.error_frames(rid, code, message, detail))
+
+    def _reply(self, ident: bytes, msg: Message, header: dict, frames: list = ()) -> None:
+        header = {"rid": msg.rid, **header}
+        self._send(ident, proto.encode(proto.REPLY_TO[msg.type], header, frames))
+
+    def _need_plan(self, msg: Message) -> None:
+        if self.plan is None:
+            raise ProtocolError("this server has no partition plan yet: send HELLO first", ErrorCode.NO_PLAN)
+        proto.check_plan(msg, self.plan.hash)
+
+    def _check_worker(self, w: int, inc: int | None = None) -> None:
+        try:
+            self.gate.check_worker(w)
+        except ConfigError as exc:
+            raise ProtocolError(str(exc)) from None
+        if inc is not None:
+            known = self.ledger.incarnation(w)
+            if known != inc:
+                raise ProtocolError(
+                    f"worker {w} incarnation {inc} is not the registered one ({known}): "
+                    "a restarted worker must send HELLO first", ErrorCode.FENCED)
+        self.gate.seen(w, self._clock())
+
+    # ------------------------------------------------------------ handlers
+    def _on_hello(self, ident: bytes, msg: Message) -> None:
+        w, inc = msg["w"], msg["inc"]
+        try:
+            plan = PartitionPlan.from_wire(msg["plan"])
+        except ConfigError as exc:
+            raise ProtocolError(f"HELLO carries an unusable plan: {exc}") from None
+        if plan.hash != msg["ph"]:
+            raise ProtocolError("HELLO plan hash differs from its plan", ErrorCode.PLAN_MISMATCH)
+        if plan.num_servers != self.settings.num_servers:
+            raise ProtocolError(f"plan is cut for {plan.num_servers} servers but this job has "
+                                f"{self.settings.num_servers}", ErrorCode.PLAN_MISMATCH)
+        if self.plan is None:
+            self._adopt(plan)
+        else:
+            proto.check_plan(msg, self.plan.hash)
+        try:
+            self.gate.check_worker(w)
+        except ConfigError as exc:
+            raise ProtocolError(str(exc)) from None
+        if self.ledger.incarnation(w) != inc:
+            self.ledger.reset(w, inc)
+            start = self.gate.join(w, inc, self._clock())
+            start = self.rule.rejoin_clock(w, start)
+            if w in self.stats["dead_workers"]:
+                log.info("worker %d rejoined with incarnation %d at clock %d", w, inc, start)
+        else:
+            start = self.gate.join(w, inc, self._clock())
+        lo, hi = plan.range_of(self.settings.rank)
+        self._reply(ident, msg, {
+            "rank": self.settings.rank, "lo": lo, "hi": hi, "ph": plan.hash,
+            "step": self.optimizer.steps, "min_clock": self.gate.min_clock,
+            "start_clock": start, "initialized": self._initialized, "sinc": self.incarnation,
+            "staleness": staleness_to_wire(self.settings.staleness),
+        })
+        self._advance_time()
+
+    def _adopt(self, plan: PartitionPlan) -> None:
+        n = plan.size_of(self.settings.rank)
+        self.plan = plan
+        self.store = ShardStore(n, plan.frame_elems)
+        spec = OptimizerSpec(**self.settings.optimizer_options)
+        self.optimizer = ShardOptimizer(self.store.weights, spec, plan.frame_elems)
+        if self.settings.staleness == 0:
+            self.rule = SyncAveraging(self.gate, self._apply_step, n, plan.frame_elems)
+        else:
+            self.rule = ApplyOnArrival(self.gate, self._apply_step)
+        log.info("server %d adopted %s; holds %d elements", self.settings.rank, plan.describe(), n)
+
+    def _apply_step(self, grads, lr_scale: float) -> None:
+        self.optimizer.step(grads, lr_scale)
+        self.store.version += 1
+
+    def _on_init(self, ident: bytes, msg: Message) -> None:
+        self._need_plan(msg)
+        self._check_worker(msg["w"], msg["inc"])
+        proto.check_layout(msg, self.store.n, self.plan.frame_elems)
+        chunks = proto.payload(msg)
+        if self.store.initialized:
+            self._reply(ident, msg, {"accepted": False})
+            return
+        if not all(np.isfinite(c).all() for c in chunks):
+            self.stats["nonfinite"] += 1
+            raise ProtocolError("INIT weights hold NaN or infinity", ErrorCode.NONFINITE)
+        self.store.set_from(chunks)
+        log.info("server %d initialized by worker %d", self.settings.rank, msg["w"])
+        self._reply(ident, msg, {"accepted": True})
+        self._advance_time()
+
+    def _on_push(self, ident: bytes, msg: Message) -> None:
+        self._need_plan(msg)
+        w, seq, clk = msg["w"], msg["seq"], msg["clk"]
+        self._check_worker(w, msg["inc"])
+        proto.check_layout(msg, self.store.n, self.plan.frame_elems)
+        if self.ledger.applied(w, seq):
+            self.stats["dup_pushes"] += 1
+            self._reply(ident, msg, {"step": self.optimizer.steps, "dup": True})
+            return
+        if not self._initialized:
+            raise ProtocolError("no weights yet: INIT before pushing", ErrorCode.NOT_INITIALIZED)
+        grads = [torch.from_numpy(a) for a in _writable_views(msg)]
+        total = float(sum(float(g.sum()) for g in grads))
+        if not math.isfinite(total) and not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.stats["nonfinite"] += 1
+            raise ProtocolError(f"gradient from worker {w} at clock {clk} holds NaN or infinity; "
+                                "not applied", ErrorCode.NONFINITE)
+        self.rule.on_push(w, clk, grads, msg["tick"])
+        self.ledger.record(w, seq)
+        self.stats["pushes"] += 1
+        self._reply(ident, msg, {"step": self.optimizer.steps, "dup": False})
+        self._advance_time()
+
+    def _on_pull(self, ident: bytes, msg: Message) -> None:
+        self._need_plan(msg)
+        w, clk = msg["w"], msg["clk"]
+        self._check_worker(w)
+        self.stats["pulls"] += 1
+        if self._initialized and self.gate.qualifies(clk):
+            self._reply_pull(ident, msg.rid, clk, w)
+            return
+        if self.gate.parked >= self.settings.max_parked:
+            raise ProtocolError(f"{self.gate.parked} reads already parked", ErrorCode.OVERLOADED)
+        dl = msg.header.get("dl")
+        wait = self.settings.read_timeout if dl is None else min(dl / 1000.0, self.settings.read_timeout)
+        self.gate.park((ident, msg.rid, clk, w), clk, self._clock() + wait)
+        self.stats["parked_total"] += 1
+
+    def _reply_pull(self, ident: bytes, rid: int, clk: int, w: int) -> None:
+        frames = self.store.reply_frames()
+        header = {"rid": rid, "min_clock": self.gate.min_clock, "step": self.optimizer.steps,
+                  "n": self.store.n}
+        self._send(ident, proto.encode(MsgType.PULL_OK, header, frames))
+
+    def _on_clock(self, ident: bytes, msg: Message) -> None:
+        if self.rule is None:
+            raise ProtocolError("no plan yet: send HELLO first", ErrorCode.NO_PLAN)
+        w = msg["w"]
+        self._check_worker(w, msg["inc"])
+        self.rule.on_clock(w, msg["clk"])
+        self._reply(ident, msg, {"min_clock": self.gate.min_clock})
+        self._advance_time()
+
+    def _on_heartbeat(self, ident: bytes, msg: Message) -> None:
+        w = msg["w"]
+        self._check_worker(w, msg["inc"])
+        self._reply(ident, msg, {"min_clock": self.gate.min_clock})
+
+    def _on_stats(self, ident: bytes, msg: Message) -> None:
+        self._reply(ident, msg, {"stats": self.snapshot_stats()})
+
+    def _on_shutdown(self, ident: bytes, msg: Message) -> None:
+        log.info("server %d: shutdown requested", self.settings.rank)
+        self._reply(ident, msg, {})
+        self._stopping = True
+
+    _handlers = {
+        MsgType.HELLO: _on_hello, MsgType.INIT: _on_init, MsgType.PUSH: _on_push,
+        MsgType.PULL: _on_pull, MsgType.CLOCK: _on_clock, MsgType.HEARTBEAT: _on_heartbeat,
+        MsgType.STATS: _on_stats, MsgType.SHUTDOWN: _on_shutdown,
+    }
+
+    def snapshot_stats(self) -> dict:
+        """A msgpack-friendly view of the server's state and counters."""
+        s = dict(self.stats)
+        s["errors"] = dict(s["errors"])
+        s["dead_workers"] = list(s["dead_workers"])
+        s.update({
+            "rank": self.settings.rank, "endpoint": self.endpoint, "sinc": self.incarnation,
+            "plan_hash": self.plan.hash if self.plan else None,
+            "elements": self.store.n if self.store else 0,
+            "initialized": self._initialized,
+            "step": self.optimizer.steps if self.optimizer else 0,
+            "min_clock": self.gate.min_clock,
+            "clocks": [st.clock for st in self.gate.workers],
+            "live": [st.live for st in self.gate.workers],
+            "parked": self.gate.parked,
+            "snapshot_bytes": self.store.snapshots.nbytes() if self.store else 0,
+            "settings": describe(self.settings),
+        })
+        return s
+
+
+def _writable_views(msg: Message) -> list[np.ndarray]:
+    """fp32 views of received frames (ZeroMQ's receive buffers; no copy)."""
+    out = []
+    for f in msg.frames:
+        buf = f.buffer if isinstance(f, zmq.Frame) else f
+        arr = np.frombuffer(buf, dtype=proto.WIRE_DTYPE)
+        if not arr.flags.writeable:  # bytes: copy once rather than warn on every step
+            arr = arr.copy()
+        out.append(arr)
+    return out
+
+
+def _peek_rid(frames: list) -> int:
+    """Best-effort request id of an undecodable message, to address the error reply."""
+    if not frames or len(frames[0]) > proto.DEFAULT_LIMITS.max_header_bytes:
+        return 0
+    try:
+        head = msgpack.unpackb(frames[0].bytes if isinstance(frames[0], zmq.Frame) else frames[0],
+                               raw=False, max_str_len=1024, max_bin_len=1024,
+                               max_array_len=64, max_map_len=64, max_ext_len=0)
+        rid = head.get("rid", 0) if isinstance(head, dict) else 0
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 1 << 64 else 0
+    except Exception:
+        return 0

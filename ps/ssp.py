@@ -1,0 +1,172 @@
+"""The SSP gate: which reads may be served now, as pure logic.
+
+No sockets, no threads, no wall clock: time is passed in by the caller
+(``now`` in seconds from any monotonic origin), so every decision can be
+tested table-driven and instantly.
+
+Definitions (docs/PROTOCOL.md and DESIGN.md, "Consistency"):
+
+* ``clock[w]`` is the number of clocks of worker ``w`` whose pushes this
+  server has fully applied.
+* ``min_clock`` is the minimum of ``clock[w]`` over live workers.  Workers
+  the job expects but that have not said HELLO yet count as live at clock 0,
+  so nobody runs ahead of a worker that is still starting.
+* A read at worker clock ``c`` qualifies when ``min_clock >= c - s``.
+  ``s = 0`` is BSP, ``s = math.inf`` is ASP.
+* A read that does not qualify is parked with a deadline; it is released the
+  moment ``min_clock`` advances far enough, or expires with the list of the
+  workers that hold it back.
+* A worker that joined and then stays silent longer than ``worker_timeout``
+  is dead: it leaves the ``min_clock`` computation.  A worker that (re)joins
+  with a new incarnation starts at the ``min_clock`` of the others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Hashable
+
+from common.config import parse_staleness
+from common.errors import ConfigError
+
+
+@dataclasses.dataclass
+class WorkerState:
+    clock: int = 0
+    incarnation: int = -1      # -1: never said HELLO
+    last_seen: float = 0.0
+    live: bool = True
+
+
+@dataclasses.dataclass
+class ParkedRead:
+    token: Any
+    need: int | float          # min_clock the read needs
+    deadline: float            # absolute, same origin as ``now``
+
+
+@dataclasses.dataclass(frozen=True)
+class Expired:
+    token: Any
+    need: int | float
+    blockers: tuple[int, ...]
+
+
+class SSPGate:
+    """Clock table, liveness and parked reads of one server."""
+
+    def __init__(self, staleness, num_workers: int, worker_timeout: float, now: float = 0.0):
+        self.staleness = parse_staleness(staleness)
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if not worker_timeout > 0:
+            raise ConfigError(f"worker_timeout must be > 0 seconds, got {worker_timeout!r}")
+        self.num_workers = num_workers
+        self.worker_timeout = float(worker_timeout)
+        self.workers = [WorkerState(last_seen=now) for _ in range(num_workers)]
+        self._parked: list[ParkedRead] = []
+
+    # -- membership --------------------------------------------------------
+    def check_worker(self, w: int) -> None:
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < self.num_workers:
+            raise ConfigError(f"worker id {w!r} is outside this job's [0, {self.num_workers})")
+
+    def join(self, w: int, incarnation: int, now: float) -> int:
+        """Register worker ``w`` (HELLO); return the clock it starts at.
+
+        The same incarnation saying HELLO again (a retry) changes nothing.  A
+        new incarnation, or a worker that was declared dead, restarts at the
+        ``min_clock`` of the other live workers (its own clock if none).
+        """
+        self.check_worker(w)
+        st = self.workers[w]
+        st.last_seen = now
+        if st.incarnation == incarnation and st.live:
+            return st.clock
+        if st.incarnation == -1 and st.live:
+            st.incarnation = incarnation  # first HELLO
+            return st.clock
+        others = [o.clock for i, o in enumerate(self.workers) if i != w and o.live]
+        st.clock = min(others) if others else st.clock
+        st.incarnation = incarnation
+        st.live = True
+        return st.clock
+
+    def seen(self, w: int, now: float) -> None:
+        self.workers[w].last_seen = now
+
+    def live_workers(self) -> list[int]:
+        return [i for i, st in enumerate(self.workers) if st.live]
+
+    def dead_workers(self) -> list[int]:
+        return [i for i, st in enumerate(self.workers) if not st.live]
+
+    # -- clocks ------------------------------------------------------------
+    @property
+    def min_clock(self) -> int:
+        """Minimum applied clock over live workers (-1 when none is live)."""
+        live = [st.clock for st in self.workers if st.live]
+        return min(live) if live else -1
+
+    def advance(self, w: int, clocks_applied: int) -> None:
+        """Record that ``clocks_applied`` clocks of ``w`` are applied (never goes back)."""
+        st = self.workers[w]
+        if clocks_applied > st.clock:
+            st.clock = clocks_applied
+
+    def need(self, clk: int) -> int | float:
+        return clk - self.staleness
+
+    def qualifies(self, clk: int) -> bool:
+        """May a read at worker clock ``clk`` be served now?"""
+        if self.staleness == math.inf:
+            return True
+        return self.min_clock >= clk - self.staleness
+
+    def blockers(self, need) -> tuple[int, ...]:
+        """Live workers whose clock is below ``need``."""
+        return tuple(i for i, st in enumerate(self.workers) if st.live and st.clock < need)
+
+    # -- parked reads ------------------------------------------------------
+    def park(self, token: Any, clk: int, deadline: float) -> None:
+        self._parked.append(ParkedRead(token, self.need(clk), deadline))
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which :meth:`poll` may have something to do."""
+        times = [p.deadline for p in self._parked]
+        times += [st.last_seen + self.worker_timeout for st in self.workers
+                  if st.live and st.incarnation != -1]
+        return min(times) if times else None
+
+    def poll(self, now: float, ready: bool = True) -> tuple[list[Any], list[Expired], list[int]]:
+        """Apply time and clocks: ``(released tokens, expired reads, newly dead workers)``.
+
+        ``ready=False`` (the server has no weights yet) releases nothing but
+        still expires and detects.
+        """
+        died = []
+        for i, st in enumerate(self.workers):
+            if st.live and st.incarnation != -1 and now - st.last_seen > self.worker_timeout:
+                st.live = False
+                died.append(i)
+        released, expired, keep = [], [], []
+        mc = self.min_clock
+        for p in self._parked:
+            if ready and (mc >= p.need or self.staleness == math.inf):
+                released.append(p.token)
+            elif now >= p.deadline:
+                expired.append(Expired(p.token, p.need, self.blockers(p.need)))
+            else:
+                keep.append(p)
+        self._parked = keep
+        return released, expired, died
+
+    def drain(self) -> list[Any]:
+        """Remove and return every parked token (at shutdown)."""
+        tokens = [p.token for p in self._parked]
+        self._parked = []
+        return tokens

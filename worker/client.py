@@ -1,0 +1,374 @@
+"""``PSClient``: a worker's connection to every server.
+
+One background I/O thread owns every socket (one DEALER per server).  The
+training thread hands it requests through a queue plus an inproc doorbell and
+gets back ``concurrent.futures.Future`` objects; every wait takes a timeout.
+Requests to different servers, and several to one server, are in flight at
+once; a server answers in order, so a pull sent after a push sees that push.
+
+Data travels zero-copy: a push sends ``zmq.Frame`` views of the caller's
+flat gradient buffer (the returned handle says when ZeroMQ has let go of
+it), and a pull reply keeps ZeroMQ's receive buffers until the caller copies
+them, once, into its flat parameter buffer.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import heapq
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import zmq
+
+from common import protocol as proto
+from common.config import ClientSettings
+from common.errors import ClosedError, DeadlineExceeded, ProtocolError, ZPSError, remote_error
+from common.plan import PartitionPlan, frame_slices
+from common.protocol import Message, MsgType
+
+log = logging.getLogger("zps.client")
+
+_ZERO_COPY_MIN_BYTES = 1 << 16
+
+
+def _wait_all(futures: Sequence[cf.Future], timeout: float | None, what: str) -> list:
+    """Results of every future, or the first error; ``timeout`` bounds the whole wait."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = []
+    for f in futures:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            out.append(f.result(left))
+        except cf.TimeoutError:
+            raise DeadlineExceeded(f"{what}: no answer within {timeout:.1f}s") from None
+    return out
+
+
+@dataclasses.dataclass
+class PushHandle:
+    """An in-flight push to every server."""
+
+    futures: list[cf.Future]
+    trackers: list  # zmq.MessageTracker or None per server
+
+    def released(self) -> bool:
+        """Has ZeroMQ let go of the gradient buffer (safe to overwrite)?"""
+        return all(t is None or t.done for t in self.trackers)
+
+    def wait_released(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self.trackers:
+            if t is None:
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                t.wait(left)
+            except zmq.NotDone:
+                raise DeadlineExceeded(f"gradient buffer still held by ZeroMQ after {timeout:.1f}s") from None
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def wait(self, timeout: float | None) -> list[Message]:
+        return _wait_all(self.futures, timeout, "push")
+
+
+@dataclasses.dataclass
+class PullHandle:
+    """An in-flight pull from every server; the replies hold the weights."""
+
+    futures: list[cf.Future]
+    clock: int
+    issued: float
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def wait(self, timeout: float | None) -> list[Message]:
+        return _wait_all(self.futures, timeout, f"pull at clock {self.clock}")
+
+
+class PSClient:
+    """Talks to the servers of one job on behalf of one worker."""
+
+    def __init__(self, endpoints: Sequence[str], worker_id: int, incarnation: int | None = None,
+                 settings: ClientSettings | None = None, ctx: zmq.Context | None = None):
+        if not endpoints:
+            raise ValueError("PSClient needs at least one server endpoint")
+        if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
+            raise ValueError(f"worker_id must be a non-negative integer, got {worker_id!r}")
+        self.endpoints = list(endpoints)
+        self.worker_id = worker_id
+        self.incarnation = (int.from_bytes(os.urandom(4), "little") | 1) if incarnation is None else incarnation
+        self.settings = settings or ClientSettings()
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self._rid = itertools.count(1)
+        self._seq = [itertools.count(0) for _ in self.endpoints]
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._bell_addr = f"inproc://zps-client-{id(self)}"
+        self._bell_lock = threading.Lock()
+        self._bell: zmq.Socket | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._closed = False
+        self._heartbeat_on = False
+        self.stats = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "late_replies": 0,
+                      "pushes": 0, "pulls": 0}
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 10.0) -> "PSClient":
+        if self._thread is not None:
+            return self
+        self._bell_rx = self.ctx.socket(zmq.PAIR)
+        self._bell_rx.bind(self._bell_addr)
+        self._bell = self.ctx.socket(zmq.PAIR)
+        self._bell.setsockopt(zmq.LINGER, 0)
+        self._bell.connect(self._bell_addr)
+        self._thread = threading.Thread(target=self._run, name=f"zps-client-w{self.worker_id}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise DeadlineExceeded(f"client I/O thread did not start within {timeout}s")
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the I/O thread (pending requests fail with ClosedError) and close sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._ring(("stop",))
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("client I/O thread did not stop within %.1fs", timeout)
+            self._bell.close(linger=0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> "PSClient":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ requests
+    def _ring(self, cmd: tuple) -> None:
+        self._cmds.put(cmd)
+        with self._bell_lock:
+            self._bell.send(b"", zmq.NOBLOCK)
+
+    def request(self, server: int, msg_type: MsgType, header: dict | None = None, frames: Sequence = (),
+                timeout: float | None = None, track: bool = False):
+        """Send one request to one server; return its Future (and tracker if ``track``).
+
+        The Future resolves to the decoded reply ``Message``, or raises
+        ``RemoteError`` for an ERROR reply, ``DeadlineExceeded`` after
+        ``timeout`` seconds (default: the request timeout) and ``ClosedError``
+        if the client closes first.
+        """
+        if self._closed or self._thread is None:
+            raise ClosedError("client is closed or not started")
+        rid = next(self._rid)
+        frames = proto.encode(msg_type, {"rid": rid, **(header or {})}, frames)
+        tracker = None
+        if track and len(frames) > 1:
+            data = [f for f in frames[1:] if isinstance(f, zmq.Frame)]
+            if data:
+                tracker = zmq.MessageTracker(*data)
+        fut: cf.Future = cf.Future()
+        t = self.settings.request_timeout if timeout is None else timeout
+        self._ring(("send", server, rid, frames, fut, time.monotonic() + t, msg_type))
+        return (fut, tracker) if track else fut
+
+    def _data_frames(self, arr: np.ndarray, lo: int, hi: int, frame_elems: int) -> list:
+        part = arr[lo:hi]
+        if part.nbytes < _ZERO_COPY_MIN_BYTES:
+            return [part[a:b].tobytes() for a, b in frame_slices(hi - lo, frame_elems)]
+        return [zmq.Frame(memoryview(part[a:b]), copy=False, track=True)
+                for a, b in frame_slices(hi - lo, frame_elems)]
+
+    def hello(self, plan: PartitionPlan, timeout: float | None = None) -> list[dict]:
+        """Register with every server under ``plan``; return their HELLO_OK headers."""
+        if plan.num_servers != len(self.endpoints):
+            raise ValueError(f"plan is cut for {plan.num_servers} servers, client has {len(self.endpoints)}")
+        head = {"w": self.worker_id, "inc": self.incarnation, "plan": plan.to_wire(), "ph": plan.hash}
+        futs = [self.request(k, MsgType.HELLO, head, timeout=timeout) for k in range(len(self.endpoints))]
+        replies = [m.header for m in _wait_all(futs, timeout or self.settings.request_timeout, "hello")]
+        self.plan = plan
+        self._heartbeat_on = True
+        self._ring(("heartbeat",))
+        return replies
+
+    def init(self, flat: np.ndarray, timeout: float | None = None) -> list[bool]:
+        """Offer initial weights; the first offer a server sees wins. True where ours did."""
+        futs = []
+        for k in range(len(self.endpoints)):
+            lo, hi = self.plan.range_of(k)
+            head = {"w": self.worker_id, "inc": self.incarnation, "ph": self.plan.hash, "n": hi - lo}
+            futs.append(self.request(k, MsgType.INIT, head, self._data_frames(flat, lo, hi, self.plan.frame_elems),
+                                     timeout=timeout))
+        return [m["accepted"] for m in _wait_all(futs, timeout or self.settings.request_timeout, "init")]
+
+    def push(self, flat_grad: np.ndarray, clock: int, tick: bool = True,
+             timeout: float | None = None) -> PushHandle:
+        """Send each server its range of ``flat_grad`` (zero-copy), tagged with ``clock``.
+
+        Do not write ``flat_grad`` until ``PushHandle.released()``.
+        """
+        futs, trackers = [], []
+        for k in range(len(self.endpoints)):
+            lo, hi = self.plan.range_of(k)
+            head = {"w": self.worker_id, "inc": self.incarnation, "seq": next(self._seq[k]),
+                    "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick}
+            f, t = self.request(k, MsgType.PUSH, head, self._data_frames(flat_grad, lo, hi, self.plan.frame_elems),
+                                timeout=timeout, track=True)
+            futs.append(f)
+            trackers.append(t)
+        self.stats["pushes"] += 1
+        return PushHandle(futs, trackers)
+
+    def pull(self, clock: int, timeout: float | None = None) -> PullHandle:
+        """Ask every server for its range as of a read at ``clock`` (parked until it qualifies)."""
+        t = self.settings.read_timeout if timeout is None else timeout
+        head = {"w": self.worker_id, "clk": clock, "ph": self.plan.hash, "dl": max(1, int(t * 1000))}
+        # the local deadline is a little later than the server's, so the server's
+        # typed STALE_TIMEOUT (naming the blockers) arrives first
+        futs = [self.request(k, MsgType.PULL, head, timeout=t + min(5.0, 0.1 * t + 0.5))
+                for k in range(len(self.endpoints))]
+        self.stats["pulls"] += 1
+        return PullHandle(futs, clock, time.monotonic())
+
+    def clock(self, clock: int, timeout: float | None = None) -> list[int]:
+        """Complete ``clock`` without a push; return each server's min_clock."""
+        head = {"w": self.worker_id, "inc": self.incarnation, "clk": clock}
+        futs = [self.request(k, MsgType.CLOCK, head, timeout=timeout) for k in range(len(self.endpoints))]
+        return [m["min_clock"] for m in _wait_all(futs, timeout or self.settings.request_timeout, "clock")]
+
+    def server_stats(self, server: int, timeout: float | None = None) -> dict:
+        return self.request(server, MsgType.STATS, timeout=timeout).result(
+            timeout or self.settings.request_timeout)["stats"]
+
+    # ------------------------------------------------------------ I/O thread
+    def _run(self) -> None:
+        t = self.settings.transport
+        socks = []
+        for ep in self.endpoints:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, int(t.linger * 1000))
+            s.setsockopt(zmq.SNDHWM, t.sndhwm)
+            s.setsockopt(zmq.RCVHWM, t.rcvhwm)
+            s.connect(ep)
+            socks.append(s)
+        index = {s: k for k, s in enumerate(socks)}
+        poller = zmq.Poller()
+        poller.register(self._bell_rx, zmq.POLLIN)
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        pending: dict[int, tuple[cf.Future, int, MsgType]] = {}
+        deadlines: list[tuple[float, int]] = []
+        next_beat = time.monotonic()
+        self._ready.set()
+        running = True
+        try:
+            while running:
+                now = time.monotonic()
+                wake = next_beat if self._heartbeat_on else now + 1.0
+                if deadlines:
+                    wake = min(wake, deadlines[0][0])
+                events = dict(poller.poll(max(0, int((wake - now) * 1000) + 1)))
+                if self._bell_rx in events:
+                    while True:
+                        try:
+                            self._bell_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    while True:
+                        try:
+                            cmd = self._cmds.get_nowait()
+                        except queue.Empty:
+                            break
+                        if cmd[0] == "stop":
+                            running = False
+                            break
+                        if cmd[0] == "heartbeat":
+                            next_beat = time.monotonic()
+                            continue
+                        _, k, rid, frames, fut, deadline, mtype = cmd
+                        if not fut.set_running_or_notify_cancel():
+                            continue
+                        try:
+                            socks[k].send_multipart(frames, zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            fut.set_exception(ZPSError(
+                                f"send queue to server {k} ({self.endpoints[k]}) is full; raise sndhwm"))
+                            continue
+                        self.stats["requests"] += 1
+                        self.stats["bytes_sent"] += sum(len(f) for f in frames)
+                        pending[rid] = (fut, k, mtype)
+                        heapq.heappush(deadlines, (deadline, rid))
+                for s in socks:
+                    if s not in events:
+                        continue
+                    while True:
+                        try:
+                            frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_reply(index[s], frames, pending)
+                now = time.monotonic()
+                while deadlines and deadlines[0][0] <= now:
+                    _, rid = heapq.heappop(deadlines)
+                    entry = pending.pop(rid, None)
+                    if entry is not None:
+                        fut, k, mtype = entry
+                        fut.set_exception(DeadlineExceeded(
+                            f"{mtype.name} to server {k} ({self.endpoints[k]}) got no answer in time"))
+                if self._heartbeat_on and now >= next_beat:
+                    next_beat = now + self.settings.heartbeat_interval
+                    head = proto.encode(MsgType.HEARTBEAT, {"rid": 0, "w": self.worker_id,
+                                                            "inc": self.incarnation})
+                    for s in socks:
+                        try:
+                            s.send_multipart(head, zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass
+        finally:
+            for fut, k, mtype in pending.values():
+                fut.set_exception(ClosedError(f"client closed before {mtype.name} to server {k} was answered"))
+            while True:
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "send":
+                    cmd[4].set_exception(ClosedError("client closed"))
+            for s in socks:
+                s.close()
+            self._bell_rx.close(linger=0)
+
+    def _on_reply(self, k: int, frames: list, pending: dict) -> None:
+        self.stats["bytes_received"] += sum(len(f) for f in frames)
+        try:
+            msg = proto.decode(frames)
+        except ProtocolError as exc:
+            log.error("undecodable reply from server %d (%s): %s", k, self.endpoints[k], exc)
+            return
+        if msg.rid == 0:  # heartbeat replies
+            return
+        entry = pending.pop(msg.rid, None)
+        if entry is None:
+            self.stats["late_replies"] += 1
+            return
+        fut = entry[0]
+        if msg.type == MsgType.ERROR:
+            fut.set_exception(remote_error(msg["code"], msg["msg"], self.endpoints[k],
+                                           msg.header.get("detail")))
+        else:
+            fut.set_result(msg)

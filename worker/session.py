@@ -1,0 +1,181 @@
+"""``PSWorker``: one worker's side of bounded-staleness training.
+
+Per iteration the training loop does::
+
+    worker.read()        # weights for the current clock: SSP cache or pull
+    worker.zero_grad()   # waits until the previous push has left the gradient buffer
+    loss.backward()
+    worker.push()        # gradients tagged with the clock, sent asynchronously; tick
+
+``read`` serves the cached weights while their stamp (the servers'
+``min_clock`` when they were read) satisfies ``stamp >= clock - s``; otherwise
+it waits (up to ``read_timeout``) for a pull the servers answer once the
+slowest worker catches up.  With ``refresh="eager"`` a pull for the next
+clock is sent right after each push, so fresh weights usually arrive while
+the next iteration's forward pass runs; ``"lazy"`` pulls only when the cache
+no longer qualifies.  Every read records its clock, staleness and wait time.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import time
+from typing import Sequence
+
+import torch
+import zmq
+
+from common.config import ClientSettings, staleness_from_wire
+from common.errors import ConfigError, ZPSError
+from worker.binding import ModelBinding
+from worker.client import PSClient, PullHandle, PushHandle
+
+log = logging.getLogger("zps.worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadRecord:
+    """What one read saw."""
+
+    clock: int
+    staleness: int          # clock minus the stamp the weights were served with
+    wait_seconds: float     # time the read blocked
+    pulled: bool            # new weights were installed by this read
+    stamp: int              # servers' min_clock when the weights were read
+    step: int               # sum of the servers' update steps at that time
+
+
+class PSWorker:
+    """A model bound to a parameter-server job."""
+
+    def __init__(self, model: torch.nn.Module, servers: Sequence[str], worker_id: int, *,
+                 settings: ClientSettings | None = None, incarnation: int | None = None,
+                 ctx: zmq.Context | None = None):
+        self.settings = settings or ClientSettings()
+        self.binding = ModelBinding(model, len(servers), self.settings.frame_elems)
+        self.client = PSClient(servers, worker_id, incarnation, self.settings, ctx)
+        self.worker_id = worker_id
+        self.model = model
+        self.clock = 0
+        self.staleness: int | float = 0
+        self.records: list[ReadRecord] = []
+        self._stamp = -(1 << 62)  # nothing installed yet
+        self._step = 0
+        self._pull: PullHandle | None = None
+        self._pushes: collections.deque[PushHandle] = collections.deque()
+        self.started = False
+
+    @property
+    def plan(self):
+        return self.binding.plan
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, timeout: float | None = None) -> "PSWorker":
+        """Register with every server, offer initial weights, learn the start clock."""
+        self.client.start()
+        replies = self.client.hello(self.plan, timeout)
+        bounds = {r["staleness"] for r in replies}
+        if len(bounds) != 1:
+            raise ConfigError(f"servers disagree on the staleness bound: {sorted(bounds)}")
+        self.staleness = staleness_from_wire(bounds.pop())
+        self.clock = max(r["start_clock"] for r in replies)
+        self.client.init(self.binding.params_host(), timeout)
+        self.started = True
+        log.info("worker %d joined %d servers at clock %d (staleness %s)", self.worker_id,
+                 len(replies), self.clock, self.staleness)
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait for outstanding pushes (bounded by ``timeout``), then disconnect."""
+        try:
+            self.flush(timeout)
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> "PSWorker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ iteration
+    def _qualifies(self, clock: int) -> bool:
+        return self.staleness == math.inf or self._stamp >= clock - self.staleness
+
+    def _install(self, handle: PullHandle, timeout: float | None) -> None:
+        replies = handle.wait(timeout)
+        self.binding.install(replies)
+        self._stamp = min(m["min_clock"] for m in replies)
+        self._step = sum(m["step"] for m in replies)
+
+    def read(self, timeout: float | None = None) -> ReadRecord:
+        """Make the model's weights valid for the current clock; record the read."""
+        self._raise_push_errors()
+        c = self.clock
+        t0 = time.monotonic()
+        pulled = False
+        if self._pull is not None and self._pull.done():
+            self._install(self._pull, 0)
+            self._pull, pulled = None, True
+        budget = self.settings.read_timeout if timeout is None else timeout
+        deadline = t0 + budget
+        while not self._qualifies(c):
+            if self._pull is None or self._pull.clock < c:
+                if self._pull is not None:  # an older pull still in flight: let it land first
+                    self._install(self._pull, max(0.0, deadline - time.monotonic()))
+                    self._pull, pulled = None, True
+                    if self._qualifies(c):
+                        break
+                self._pull = self.client.pull(c, max(0.001, deadline - time.monotonic()))
+            self._install(self._pull, max(0.0, deadline - time.monotonic()) + 5.0)
+            self._pull, pulled = None, True
+        rec = ReadRecord(c, c - self._stamp if self._stamp > -(1 << 61) else 0,
+                         time.monotonic() - t0, pulled, self._stamp, self._step)
+        self.records.append(rec)
+        return rec
+
+    def zero_grad(self) -> None:
+        """Zero the flat gradients once the last push no longer needs them."""
+        if self._pushes:
+            self._pushes[-1].wait_released(self.settings.request_timeout)
+        self.binding.zero_grad()
+
+    def push(self, tick: bool = True) -> PushHandle:
+        """Push the gradients tagged with the current clock; advance the clock if ``tick``."""
+        grads = self.binding.grads_host()
+        handle = self.client.push(grads, self.clock, tick)
+        self._pushes.append(handle)
+        while len(self._pushes) > self.settings.max_pushes_in_flight:
+            self._pushes.popleft().wait(self.settings.request_timeout)
+        if tick:
+            self.clock += 1
+            if self._pull is None and (self.settings.refresh == "eager" or not self._qualifies(self.clock)):
+                self._pull = self.client.pull(self.clock)
+        return handle
+
+    def tick(self) -> None:
+        """Complete the current clock without pushing."""
+        self.client.clock(self.clock)
+        self.clock += 1
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every push is acknowledged; raise the first push error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._pushes:
+            h = self._pushes.popleft()
+            h.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _raise_push_errors(self) -> None:
+        while self._pushes and self._pushes[0].done():
+            self._pushes.popleft().wait(0)
+
+    def fetch_weights(self, timeout: float | None = None) -> torch.Tensor:
+        """Pull the newest weights regardless of staleness and install them."""
+        if self._pull is not None:
+            self._install(self._pull, timeout)
+            self._pull = None
+        h = self.client.pull(-(1 << 62) if self.staleness != math.inf else 0, timeout)
+        self._install(h, timeout)
+        return self.binding.flat
