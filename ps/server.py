@@ -67,6 +67,7 @@ class ShardServer:
             "expired_reads": 0, "unroutable": 0, "send_blocked": 0, "dead_workers": [],
         }
         self._stopping = False
+        self._closed = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._done = threading.Event()
@@ -98,14 +99,27 @@ class ShardServer:
         self._ready.wait(10)
         return self
 
-    def shutdown(self, timeout: float = 5.0) -> bool:
-        """Ask the loop to stop and wait up to ``timeout`` seconds; True if it stopped."""
-        if not self._done.is_set():
+    def request_stop(self) -> None:
+        """Ask the loop to stop (safe from any thread and from signal handlers)."""
+        if not self._done.is_set() and not self._closed:
             with self._wake_lock:
                 try:
                     self._wake_tx.send(b"stop", zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the loop has stopped (SHUTDOWN request or ``request_stop``)."""
+        while not self._done.wait(0.2 if timeout is None else timeout):
+            if timeout is not None:
+                return False
+        return True
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        """Ask the loop to stop and wait up to ``timeout`` seconds; True if it stopped."""
+        if self._closed:
+            return True
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -117,6 +131,9 @@ class ShardServer:
         return stopped
 
     def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for s in (self._wake_tx, self._wake_rx, self.sock):
             s.close(linger=int(self.settings.transport.linger * 1000))
         if self._own_ctx:

@@ -1,0 +1,131 @@
+"""Shared command-line plumbing for the bin/ executables.
+
+Settings classes (``common.config``) become argparse flags with their help
+texts; ``settings_from_args`` applies the one precedence rule (flag >
+``ZPS_*`` environment > TOML job file > default).  ``print_ready`` writes the
+machine-readable READY line launchers and tests wait on.  Only the CLIs
+configure logging.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable, Iterable
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore
+
+from common.config import TransportSettings, env_name, resolve
+from common.errors import ConfigError
+
+NESTED = {"transport": TransportSettings}
+
+
+def _fields(cls, skip: Iterable[str] = ()):
+    skip = set(skip)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        if f.name in NESTED:
+            yield from _fields(NESTED[f.name], skip)
+            continue
+        yield f
+
+
+def add_settings(parser: argparse.ArgumentParser, cls, skip: Iterable[str] = (), title: str | None = None) -> None:
+    """One ``--flag`` per setting of ``cls`` (nested transport settings included)."""
+    group = parser.add_argument_group(title or f"{cls.__name__} (flag > {env_name('<name>')} env > job file > default)")
+    for f in _fields(cls, skip):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} [default: {default}; env {env_name(f.name)}]"
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--job", metavar="FILE", default=os.environ.get("ZPS_JOB"),
+                        help="TOML job file (top-level keys for every role, [server]/[worker]/... per role)")
+    parser.add_argument("--log-level", default=os.environ.get("ZPS_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR [default: INFO; env ZPS_LOG_LEVEL]")
+
+
+def load_job(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"job file {path!r} is not valid TOML: {exc}") from None
+
+
+def settings_from_args(cls, ns: argparse.Namespace, job: dict, section: str,
+                       overrides: dict | None = None, env=None):
+    """Resolve ``cls`` from parsed flags, the environment and the job file."""
+    flags = {f.name: getattr(ns, f.name, None) for f in dataclasses.fields(cls) if f.name not in NESTED}
+    flags.update(overrides or {})
+    values = {}
+    for name, sub in NESTED.items():
+        if any(f.name == name for f in dataclasses.fields(cls)):
+            sub_flags = {f.name: getattr(ns, f.name, None) for f in dataclasses.fields(sub)}
+            values[name] = resolve(sub, sub_flags, env, job, section)
+    base = resolve(cls, flags, env, _without_nested(job, cls), section)
+    return dataclasses.replace(base, **values) if values else base
+
+
+def _without_nested(job: dict, cls) -> dict:
+    """The job file minus keys that belong to nested settings (checked separately)."""
+    names = {f.name for f in _fields(cls)} - {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in job.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv for kk, vv in v.items() if kk not in names}
+        elif k not in names:
+            out[k] = v
+    return out
+
+
+def setup_logging(level: str, prefix: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format=f"%(asctime)s {prefix} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def print_ready(role: str, rank: int, endpoint: str, **extra: Any) -> None:
+    """The READY line: the word READY, a space, one JSON object."""
+    sys.stdout.write("READY " + json.dumps({"role": role, "rank": rank, "endpoint": endpoint, **extra}) + "\n")
+    sys.stdout.flush()
+
+
+def on_stop_signal(callback: Callable[[int], None]) -> threading.Event:
+    """Call ``callback(signum)`` on SIGTERM/SIGINT (from the main thread); return an Event set then."""
+    event = threading.Event()
+
+    def handler(signum, _frame):
+        event.set()
+        callback(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return event
+
+
+def fail(message: str, code: int = 2) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return code
