@@ -81,11 +81,12 @@ class PartitionPlan:
         frame_elems: int = DEFAULT_FRAME_ELEMS,
     ) -> "PartitionPlan":
         """Cut ``specs`` (ordered ``(name, shape, dtype)``) across ``num_servers``."""
-        if not isinstance(num_servers, int) or num_servers < 1:
+        if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
             raise ConfigError(f"num_servers must be a positive integer, got {num_servers!r}")
-        if not isinstance(align, int) or align < 1:
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
             raise ConfigError(f"align must be a positive integer, got {align!r}")
-        if not isinstance(frame_elems, int) or frame_elems < 1 or frame_elems % align:
+        if (isinstance(frame_elems, bool) or not isinstance(frame_elems, int) or frame_elems < 1
+                or frame_elems % align):
             raise ConfigError(
                 f"frame_elems must be a positive multiple of align={align}, got {frame_elems!r}"
             )
@@ -102,7 +103,10 @@ class PartitionPlan:
             if name in seen:
                 raise ConfigError(f"tensor name {name!r} appears twice")
             seen.add(name)
-            shape = tuple(shape)
+            try:
+                shape = tuple(shape)
+            except TypeError:
+                raise ConfigError(f"shape of {name!r} must be a sequence of integers, got {shape!r}") from None
             if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
                 raise ConfigError(f"shape of {name!r} must be non-negative integers, got {shape!r}")
             dtype = str(dtype).removeprefix("torch.")
@@ -135,9 +139,11 @@ class PartitionPlan:
     def from_wire(cls, d: dict) -> "PartitionPlan":
         """Rebuild a plan from :meth:`to_wire` output, checking its hash."""
         try:
-            specs = [(str(n), tuple(int(x) for x in s), str(dt)) for n, s, dt in d["tensors"]]
-            plan = cls.build(specs, int(d["servers"]), int(d["align"]), int(d["frame"]))
-            claimed = int(d["hash"])
+            specs = [(n, tuple(s), dt) for n, s, dt in d["tensors"]]
+            plan = cls.build(specs, d["servers"], d["align"], d["frame"])
+            claimed = d["hash"]
+            if isinstance(claimed, bool) or not isinstance(claimed, int):
+                raise ValueError(f"hash must be an integer, got {claimed!r}")
         except ConfigError:
             raise
         except (KeyError, TypeError, ValueError) as exc:

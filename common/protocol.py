@@ -221,7 +221,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     if not isinstance(head, dict):
         raise ProtocolError(f"header must be a map, got {type(head).__name__}")
     version = head.pop("v", None)
-    if version != VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {VERSION})",
                             ErrorCode.BAD_VERSION)
     raw_type = head.pop("t", None)
@@ -243,6 +243,8 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     for key, typ in optional.items():
         if key in head:
             _check_field(msg_type, key, head[key], typ)
+    if msg_type == MsgType.PULL and head.get("dl", 1) == 0:
+        raise ProtocolError("PULL.dl must be > 0 milliseconds (leave it out for the server's default)")
     data = list(frames[1:])
     if msg_type in DATA_TYPES:
         n = head["n"]
@@ -299,5 +301,5 @@ def check_layout(msg: Message, n_expected: int, frame_elems: int) -> None:
 
 
 def payload(msg: Message) -> list[np.ndarray]:
-    """Read-only fp32 views of a checked message's data frames (no copy)."""
+    """fp32 views of a checked message's data frames (no copy; as writable as the frames)."""
     return [np.frombuffer(_as_bytes(f), dtype=WIRE_DTYPE) for f in msg.frames]

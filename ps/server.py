@@ -193,6 +193,11 @@ class ShardServer:
         for exp in expired:
             ident, rid, clk, w = exp.token
             self.stats["expired_reads"] += 1
+            if not self._initialized:
+                self._error(ident, rid, ErrorCode.NOT_INITIALIZED,
+                            f"read at clock {clk} waited for initial weights until its deadline; "
+                            "no worker has sent INIT")
+                continue
             self._error(ident, rid, ErrorCode.STALE_TIMEOUT,
                         f"read at clock {clk} needs min_clock >= {exp.need} but min_clock is "
                         f"{self.gate.min_clock}; held back by workers {list(exp.blockers)}",

@@ -288,16 +288,11 @@ def test_build_rejects_bad_input_with_a_config_error_naming_the_value(specs, kwa
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="plan.py build calls tuple(shape) unguarded: an int shape raises "
-                          "TypeError, not ConfigError (see report)")
 def test_build_rejects_a_shape_that_is_not_a_sequence():
     with pytest.raises(ConfigError):
         PartitionPlan.build([("a", 5, "float32")], 1)
 
 
-@pytest.mark.xfail(strict=True, reason="plan.py build accepts num_servers=True; the hash then "
-                                       "covers 'true' and from_wire(to_wire()) fails (see report)")
 def test_build_rejects_a_boolean_server_count():
     with pytest.raises(ConfigError):
         PartitionPlan.build(SPECS, True)
