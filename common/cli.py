@@ -23,10 +23,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore
 
-from common.config import TransportSettings, env_name, resolve
+from common.config import JobSettings, TransportSettings, env_name, resolve
 from common.errors import ConfigError
 
-NESTED = {"transport": TransportSettings}
+NESTED = {"transport": TransportSettings, "job": JobSettings}
 
 
 def _fields(cls, skip: Iterable[str] = ()):
@@ -75,28 +75,26 @@ def load_job(path: str | None) -> dict:
 
 def settings_from_args(cls, ns: argparse.Namespace, job: dict, section: str,
                        overrides: dict | None = None, env=None):
-    """Resolve ``cls`` from parsed flags, the environment and the job file."""
-    flags = {f.name: getattr(ns, f.name, None) for f in dataclasses.fields(cls) if f.name not in NESTED}
-    flags.update(overrides or {})
+    """Resolve ``cls`` (and its nested settings) from flags, the environment and the job file.
+
+    Unknown keys in the job file's ``[section]`` table are an error naming them.
+    """
+    sect = job.get(section)
+    if isinstance(sect, dict):
+        known = {f.name for f in _fields(cls)} | {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(sect) - known)
+        if unknown:
+            raise ConfigError(f"job file [{section}] has unknown settings {unknown}")
     values = {}
-    for name, sub in NESTED.items():
-        if any(f.name == name for f in dataclasses.fields(cls)):
-            sub_flags = {f.name: getattr(ns, f.name, None) for f in dataclasses.fields(sub)}
-            values[name] = resolve(sub, sub_flags, env, job, section)
-    base = resolve(cls, flags, env, _without_nested(job, cls), section)
-    return dataclasses.replace(base, **values) if values else base
-
-
-def _without_nested(job: dict, cls) -> dict:
-    """The job file minus keys that belong to nested settings (checked separately)."""
-    names = {f.name for f in _fields(cls)} - {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for k, v in job.items():
-        if isinstance(v, dict):
-            out[k] = {kk: vv for kk, vv in v.items() if kk not in names}
-        elif k not in names:
-            out[k] = v
-    return out
+    for f in dataclasses.fields(cls):
+        sub = NESTED.get(f.name)
+        if sub is not None:
+            sub_flags = {g.name: getattr(ns, g.name, None) for g in dataclasses.fields(sub)}
+            sub_flags.update({k: v for k, v in (overrides or {}).items() if k in sub_flags})
+            values[f.name] = resolve(sub, sub_flags, env, job, section)
+    flags = {f.name: getattr(ns, f.name, None) for f in dataclasses.fields(cls) if f.name not in NESTED}
+    flags.update({k: v for k, v in (overrides or {}).items() if k in flags})
+    return resolve(cls, flags, env, job, section, fixed=values)
 
 
 def setup_logging(level: str, prefix: str) -> None:

@@ -125,28 +125,26 @@ def _coerce(cls_field: dataclasses.Field, raw: Any, source: str):
 
 
 def resolve(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-            job: Mapping[str, Any] | None = None, section: str | None = None):
+            job: Mapping[str, Any] | None = None, section: str | None = None,
+            fixed: Mapping[str, Any] | None = None):
     """Build ``cls`` by the precedence rule: flag > ZPS_* env > TOML job file > default.
 
-    ``flags`` holds only the flags the user gave (None values are ignored);
-    ``job`` is the parsed TOML file; its top-level keys apply to every role and
-    its ``[section]`` table (e.g. ``[server]``) overrides them for one role.
-    Unknown keys in the job file's section are an error naming them.
+    ``flags`` holds the flags the user gave (None values are ignored); ``job``
+    is the parsed TOML file: its top-level keys apply to every role and its
+    ``[section]`` table (e.g. ``[server]``) overrides them for one role.  Keys
+    the class does not know are left to other settings classes.  ``fixed``
+    values are passed as they are (nested settings already resolved).
     """
     env = os.environ if env is None else env
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     job = dict(job or {})
     layered = {k: v for k, v in job.items() if not isinstance(v, dict)}
     if section and isinstance(job.get(section), dict):
-        sect = job[section]
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(sect) - names)
-        if unknown:
-            raise ConfigError(f"job file [{section}] has unknown settings {unknown}; known: {sorted(names)}")
-        layered.update(sect)
-    values = {}
+        layered.update(job[section])
+    fixed = dict(fixed or {})
+    values = dict(fixed)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name in fixed:
             continue
         if f.name in flags:
             values[f.name] = _coerce(f, flags[f.name], f"--{f.name.replace('_', '-')}")
@@ -154,7 +152,10 @@ def resolve(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] 
             values[f.name] = _coerce(f, env[env_name(f.name)], env_name(f.name))
         elif f.name in layered:
             values[f.name] = _coerce(f, layered[f.name], "job file")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
 def describe(settings) -> dict:
@@ -174,7 +175,10 @@ def describe(settings) -> dict:
 class ServerSettings:
     """One shard server."""
 
-    rank: int = setting(0, "this server's rank in [0, num_servers)")
+    rank: int = setting(0, "this server's rank in [0, num_servers) (with --coordinator: asked for, else assigned)")
+    coordinator: str = setting("", "coordinator address tcp://HOST:PORT; the job's settings then come from it")
+    advertise: str = setting("", "host name or address workers should use to reach this server "
+                                 "(default: the bound address; this host's address for a wildcard bind)")
     num_servers: int = setting(1, "servers in the job")
     num_workers: int = setting(1, "workers in the job (ids 0..num_workers-1)")
     staleness: Any = setting(0, "staleness bound s: 0 = BSP, k = SSP, inf = ASP")
@@ -197,7 +201,8 @@ class ServerSettings:
         object.__setattr__(self, "staleness", parse_staleness(self.staleness))
         _positive("num_servers", self.num_servers)
         _positive("num_workers", self.num_workers)
-        if not isinstance(self.rank, int) or not 0 <= self.rank < self.num_servers:
+        limit = 1 << 16 if self.coordinator else self.num_servers  # the coordinator sets the count
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < limit:
             raise ConfigError(f"rank must be in [0, {self.num_servers}), got {self.rank!r}")
         for name in ("lr", "read_timeout", "worker_timeout", "max_parked"):
             _positive(name, getattr(self, name))
@@ -216,3 +221,96 @@ class ServerSettings:
         if self.eps is not None and self.optimizer != "sgd":
             opts["eps"] = self.eps
         return opts
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSettings:
+    """What every role of one job agrees on; held by the coordinator, handed to all."""
+
+    num_servers: int = setting(1, "servers in the job")
+    num_workers: int = setting(1, "workers in the job")
+    staleness: Any = setting(0, "staleness bound s: 0 = BSP, k = SSP, inf = ASP")
+    optimizer: str = setting("", "server-side optimizer: sgd, adam, adamw, adagrad (default: the workload's, else sgd)")
+    lr: float | None = setting(None, "learning rate (default: the workload's)")
+    momentum: float | None = setting(None, "SGD momentum (default: the workload's)")
+    nesterov: bool = setting(False, "SGD Nesterov momentum")
+    weight_decay: float | None = setting(None, "weight decay (None: the optimizer's default)")
+    staleness_lr: bool = setting(False, "divide the learning rate by each update's measured staleness")
+    workload: str = setting("", "built-in workload the workers train (linreg, digits, mf, charlm)")
+    steps: int = setting(0, "iterations (clocks) per worker (0: the workload's default)")
+    seed: int = setting(0, "seed of the model, the data split and the straggler draws")
+    batch_size: int = setting(0, "per-worker batch size (0: the workload's default)")
+    straggler: str = setting("none", "straggler profile: none, RANK:FACTOR or random:P:FACTOR")
+    eval_every: int = setting(0, "worker 0 evaluates the metric every N clocks (0: about 20 times a run)")
+    read_timeout: float = setting(120.0, "seconds a read may wait for the staleness bound")
+    worker_timeout: float = setting(10.0, "seconds of silence after which a worker is dropped")
+    heartbeat_interval: float = setting(1.0, "seconds between heartbeats")
+    frame_elems: int = setting(1 << 18, "elements per data frame")
+
+    def __post_init__(self):
+        object.__setattr__(self, "staleness", parse_staleness(self.staleness))
+        _positive("num_servers", self.num_servers)
+        _positive("num_workers", self.num_workers)
+        for name in ("steps", "batch_size", "eval_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("read_timeout", "worker_timeout", "heartbeat_interval"):
+            _positive(name, getattr(self, name))
+        if self.lr is not None:
+            _positive("lr", self.lr)
+        if self.heartbeat_interval * 2 > self.worker_timeout:
+            raise ConfigError(f"worker_timeout ({self.worker_timeout}s) must be at least twice "
+                              f"heartbeat_interval ({self.heartbeat_interval}s)")
+
+    def to_wire(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["staleness"] = staleness_to_wire(self.staleness)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> "JobSettings":
+        d = dict(d)
+        if "staleness" in d and isinstance(d["staleness"], int) and d["staleness"] < 0:
+            d["staleness"] = math.inf
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"job description has unknown settings {unknown}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorSettings:
+    """The coordinator: membership, ranks, address book, barriers, liveness."""
+
+    bind: str = setting("tcp://127.0.0.1:0", "ZeroMQ endpoint to bind (port 0 picks a free port)")
+    register_timeout: float = setting(600.0, "seconds to wait for every role to register before giving up")
+    done_grace: float = setting(30.0, "seconds servers get to leave after the last worker finished")
+    job: JobSettings = dataclasses.field(default_factory=JobSettings)
+    transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
+
+    def __post_init__(self):
+        _positive("register_timeout", self.register_timeout)
+        _positive("done_grace", self.done_grace)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """One worker process (``ps-worker``)."""
+
+    coordinator: str = setting("", "coordinator address tcp://HOST:PORT")
+    rank: int = setting(-1, "worker rank to ask for (-1: any free rank; a restarted worker asks for its old one)")
+    workload: str = setting("", "built-in workload to train (default: the job's)")
+    out: str = setting("", "folder for this worker's metrics (metrics-w<rank>.jsonl) and results")
+    save: str = setting("", "rank 0 writes the trained model's state_dict here at the end")
+    progress: str = setting("auto", "progress display: auto (a bar on a terminal, lines otherwise), bar, lines, off")
+    device: str = setting("cpu", "torch device for the model: cpu, cuda, cuda:N")
+    register_timeout: float = setting(300.0, "seconds to wait for the coordinator and every server")
+
+    def __post_init__(self):
+        if self.progress not in ("auto", "bar", "lines", "off"):
+            raise ConfigError(f"progress must be auto, bar, lines or off, got {self.progress!r}")
+        _positive("register_timeout", self.register_timeout)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < -1:
+            raise ConfigError(f"rank must be -1 (any) or a worker rank, got {self.rank!r}")

@@ -34,6 +34,13 @@ Requests and their replies (every request gets its reply or an ERROR):
     SHUTDOWN_OK s->  -                                         -
     ERROR       s->  code, msg, [detail]                       -
 
+Coordinator requests (control plane, same framing, no data frames):
+REGISTER{role, want, inc, endpoint, host, pid, version} -> REGISTER_OK{rank, job};
+ADDRESSES{[dl]} -> ADDRESSES_OK{servers} once every server registered;
+BARRIER{name, role, rank, [dl]} -> BARRIER_OK{members} once every live member arrived;
+BEAT{role, rank, inc} -> BEAT_OK{state, dead_workers}; DONE{role, rank, inc, result}
+-> DONE_OK; STATUS -> STATUS_OK{status}.
+
 docs/PROTOCOL.md is the full specification.  This module is pure: no
 sockets, no clocks; ``encode``/``decode`` are an exact inverse pair.
 """
@@ -72,6 +79,19 @@ class MsgType(enum.IntEnum):
     SHUTDOWN_OK = 14
     HEARTBEAT = 15
     HEARTBEAT_OK = 16
+    # coordinator (control plane; never on the data path)
+    REGISTER = 20
+    REGISTER_OK = 21
+    ADDRESSES = 22
+    ADDRESSES_OK = 23
+    BARRIER = 24
+    BARRIER_OK = 25
+    BEAT = 26
+    BEAT_OK = 27
+    DONE = 28
+    DONE_OK = 29
+    STATUS = 30
+    STATUS_OK = 31
     ERROR = 127
 
 
@@ -79,13 +99,17 @@ class MsgType(enum.IntEnum):
 DATA_TYPES = frozenset({MsgType.INIT, MsgType.PUSH, MsgType.PULL_OK})
 REQUEST_TYPES = frozenset({
     MsgType.HELLO, MsgType.INIT, MsgType.PUSH, MsgType.PULL, MsgType.CLOCK,
-    MsgType.STATS, MsgType.SHUTDOWN, MsgType.HEARTBEAT,
+    MsgType.STATS, MsgType.SHUTDOWN, MsgType.HEARTBEAT, MsgType.REGISTER,
+    MsgType.ADDRESSES, MsgType.BARRIER, MsgType.BEAT, MsgType.DONE, MsgType.STATUS,
 })
 REPLY_TO = {
     MsgType.HELLO: MsgType.HELLO_OK, MsgType.INIT: MsgType.INIT_OK,
     MsgType.PUSH: MsgType.PUSH_OK, MsgType.PULL: MsgType.PULL_OK,
     MsgType.CLOCK: MsgType.CLOCK_OK, MsgType.STATS: MsgType.STATS_OK,
     MsgType.SHUTDOWN: MsgType.SHUTDOWN_OK, MsgType.HEARTBEAT: MsgType.HEARTBEAT_OK,
+    MsgType.REGISTER: MsgType.REGISTER_OK, MsgType.ADDRESSES: MsgType.ADDRESSES_OK,
+    MsgType.BARRIER: MsgType.BARRIER_OK, MsgType.BEAT: MsgType.BEAT_OK,
+    MsgType.DONE: MsgType.DONE_OK, MsgType.STATUS: MsgType.STATUS_OK,
 }
 
 _U64 = (0, (1 << 64) - 1)
@@ -113,16 +137,31 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
     MsgType.SHUTDOWN_OK: {},
     MsgType.HEARTBEAT: {"w": int, "inc": int},
     MsgType.HEARTBEAT_OK: {"min_clock": int},
+    MsgType.REGISTER: {"role": str, "want": int, "inc": int, "endpoint": str, "host": str,
+                       "pid": int, "version": str},
+    MsgType.REGISTER_OK: {"rank": int, "job": dict},
+    MsgType.ADDRESSES: {},
+    MsgType.ADDRESSES_OK: {"servers": list},
+    MsgType.BARRIER: {"name": str, "role": str, "rank": int},
+    MsgType.BARRIER_OK: {"members": list},
+    MsgType.BEAT: {"role": str, "rank": int, "inc": int},
+    MsgType.BEAT_OK: {"state": str, "dead_workers": list},
+    MsgType.DONE: {"role": str, "rank": int, "inc": int, "result": dict},
+    MsgType.DONE_OK: {},
+    MsgType.STATUS: {},
+    MsgType.STATUS_OK: {"status": dict},
     MsgType.ERROR: {"code": int, "msg": str},
 }
 #: Optional keys: PULL "dl" (deadline, ms, > 0); ERROR "detail" (map).
 OPTIONAL: dict[MsgType, dict[str, type]] = {
     MsgType.PULL: {"dl": int},
+    MsgType.ADDRESSES: {"dl": int},
+    MsgType.BARRIER: {"dl": int},
     MsgType.ERROR: {"detail": dict},
 }
 # Signed fields (a staleness of "infinity" travels as -1, min_clock of an
 # empty job as -1); every other int is a non-negative u64.
-_SIGNED = frozenset({"staleness", "min_clock", "clk", "start_clock"})
+_SIGNED = frozenset({"staleness", "min_clock", "clk", "start_clock", "want"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,16 @@
-"""``ps-server``: run one shard server as a process."""
+"""``ps-server`` and ``ps-coordinator``: the server-side daemons."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 
 from common.cli import (add_common, add_settings, fail, load_job, on_stop_signal, print_ready,
                         settings_from_args, setup_logging)
-from common.config import ServerSettings
-from common.errors import ConfigError
+from common.config import CoordinatorSettings, JobSettings, ServerSettings
+from common.errors import ConfigError, ZPSError
 
 log = logging.getLogger("zps.server")
 
@@ -18,33 +20,151 @@ def server_parser() -> argparse.ArgumentParser:
         prog="ps-server",
         description="Run one zps shard server: holds a contiguous range of the model's flat "
                     "parameters and its optimizer state, applies pushes, answers pulls under the "
-                    "staleness bound. Prints 'READY {json}' on stdout once bound.")
+                    "staleness bound. With --coordinator it registers there and takes the job's "
+                    "settings; alone it takes them from its flags. Prints 'READY {json}' on stdout "
+                    "once serving.")
     add_common(p)
     add_settings(p, ServerSettings)
     return p
 
 
+def _rank_given(ns: argparse.Namespace) -> bool:
+    return ns.rank is not None or "ZPS_RANK" in os.environ
+
+
 def server_main(argv: list[str] | None = None) -> int:
     ns = server_parser().parse_args(argv)
     try:
-        settings = settings_from_args(ServerSettings, ns, load_job(ns.job), "server")
+        job_file = load_job(ns.job)
+        settings = settings_from_args(ServerSettings, ns, job_file, "server")
     except ConfigError as exc:
         return fail(str(exc))
-    setup_logging(ns.log_level, f"server[{settings.rank}]")
+    setup_logging(ns.log_level, f"server[{settings.rank if not settings.coordinator else '?'}]")
+    import zmq
+
+    from common.control import CoordinatorLink
+    from common.transport import advertised_endpoint, bound_endpoint, make_router, warn_if_exposed
     from ps.server import ShardServer  # torch import is slow: after argument errors
 
+    ctx = zmq.Context()
+    link = None
     try:
-        server = ShardServer(settings)
-    except Exception as exc:  # bind errors: address in use, bad endpoint
-        return fail(f"cannot start server on {settings.bind}: {exc}", 1)
-    stop = on_stop_signal(lambda signum: server.request_stop())
-    server.run_in_background()
-    print_ready("server", settings.rank, server.endpoint)
-    server.wait()
-    ok = server.shutdown(timeout=max(5.0, settings.transport.linger + 2))
+        try:
+            sock = make_router(ctx, settings.bind, settings.transport)
+        except OSError as exc:
+            return fail(str(exc), 1)
+        bound = bound_endpoint(sock)
+        endpoint = advertised_endpoint(bound, settings.advertise)
+        warn_if_exposed(bound, curve=False)
+        if settings.coordinator:
+            link = CoordinatorLink(settings.coordinator, "server", ctx)
+            try:
+                rank, job = link.register(settings.rank if _rank_given(ns) else -1, endpoint)
+            except ZPSError as exc:
+                sock.close(linger=0)
+                return fail(f"cannot register with coordinator {settings.coordinator}: {exc}", 1)
+            settings = _coordinated(settings, rank, job)
+            logging.getLogger().handlers[0].setFormatter(logging.Formatter(
+                f"%(asctime)s server[{rank}] %(levelname)s %(name)s: %(message)s"))
+        server = ShardServer(settings, ctx, sock=sock)
+        stop = on_stop_signal(lambda signum: server.request_stop())
+        server.run_in_background()
+        if link is not None:
+            link.start_heartbeats(settings.worker_timeout / 4 if settings.worker_timeout < 4 else 1.0,
+                                  lambda state, dead: server.request_stop() if state in ("done", "stopped") else None)
+        print_ready("server", settings.rank, endpoint, bound=bound, pid=os.getpid())
+        server.wait()
+        ok = server.shutdown(timeout=max(5.0, settings.transport.linger + 2))
+        if stop.is_set():
+            log.info("server %d stopped by signal", settings.rank)
+        if link is not None:
+            try:
+                link.done({"stats": _brief(server.snapshot_stats())}, timeout=5)
+            except ZPSError:
+                pass
+        return 0 if ok else 1
+    finally:
+        if link is not None:
+            link.close()
+        ctx.destroy(linger=1000)
+
+
+def _brief(stats: dict) -> dict:
+    keys = ("step", "pushes", "pulls", "dup_pushes", "nonfinite", "bytes_in", "bytes_out",
+            "expired_reads", "dead_workers", "errors", "min_clock")
+    return {k: stats[k] for k in keys if k in stats}
+
+
+def _coordinated(settings: ServerSettings, rank: int, job: JobSettings) -> ServerSettings:
+    """This server's settings once the coordinator assigned its rank and sent the job."""
+    opts = dict(rank=rank, num_servers=job.num_servers, num_workers=job.num_workers,
+                staleness=job.staleness, optimizer=job.optimizer or "sgd", nesterov=job.nesterov,
+                weight_decay=job.weight_decay, staleness_lr=job.staleness_lr,
+                worker_timeout=job.worker_timeout, read_timeout=max(job.read_timeout, settings.read_timeout))
+    if job.lr is not None:
+        opts["lr"] = job.lr
+    if job.momentum is not None and (job.optimizer or "sgd") == "sgd":
+        opts["momentum"] = job.momentum
+    return dataclasses.replace(settings, **opts)
+
+
+def coordinator_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ps-coordinator",
+        description="Run the coordinator of one zps job: assigns ranks, hands out the job's settings "
+                    "and the servers' addresses, runs barriers, tracks liveness. It is the one address "
+                    "every other role needs. Prints 'READY {json}' on stdout once bound.")
+    add_common(p)
+    add_settings(p, CoordinatorSettings)
+    return p
+
+
+def resolve_job_defaults(job: JobSettings) -> JobSettings:
+    """Fill the settings left to the workload (optimizer, lr, momentum, steps, batch size)."""
+    if not job.workload:
+        return dataclasses.replace(job, optimizer=job.optimizer or "sgd")
+    from worker.workloads import get_workload
+
+    try:
+        d = get_workload(job.workload, seed=job.seed).defaults
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return dataclasses.replace(
+        job,
+        optimizer=job.optimizer or d.optimizer,
+        lr=job.lr if job.lr is not None else d.lr,
+        momentum=job.momentum if job.momentum is not None else d.momentum,
+        steps=job.steps or d.steps,
+        batch_size=job.batch_size or d.batch_size,
+    )
+
+
+def coordinator_main(argv: list[str] | None = None) -> int:
+    ns = coordinator_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(CoordinatorSettings, ns, load_job(ns.job), "coordinator")
+        settings = dataclasses.replace(settings, job=resolve_job_defaults(settings.job))
+    except ConfigError as exc:
+        return fail(str(exc))
+    setup_logging(ns.log_level, "coordinator")
+    from common.transport import advertised_endpoint, warn_if_exposed
+    from ps.coordinator import Coordinator
+
+    try:
+        coord = Coordinator(settings)
+    except OSError as exc:
+        return fail(str(exc), 1)
+    stop = on_stop_signal(lambda signum: coord.request_stop())
+    coord.run_in_background()
+    warn_if_exposed(coord.endpoint, curve=False)
+    print_ready("coordinator", 0, advertised_endpoint(coord.endpoint), bound=coord.endpoint, pid=os.getpid(),
+                job=settings.job.to_wire())
+    while not coord.wait(0.5):
+        pass
+    coord.shutdown(5)
     if stop.is_set():
-        log.info("server %d stopped by signal", settings.rank)
-    return 0 if ok else 1
+        logging.getLogger("zps.coordinator").info("coordinator stopped by signal")
+    return 0
 
 
 if __name__ == "__main__":

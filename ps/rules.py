@@ -71,6 +71,8 @@ class SyncAveraging:
         return max(self.gate.min_clock, 0)
 
     def _check_clock(self, w: int, clk: int) -> None:
+        if not self.gate.workers[w].live:
+            raise ProtocolError(f"worker {w} was declared dead; send HELLO to rejoin", ErrorCode.FENCED)
         if clk != self.gate.workers[w].clock or w in self._ticked:
             raise ProtocolError(
                 f"worker {w} sent clock {clk}, but with staleness 0 this server "

@@ -36,6 +36,7 @@ from ps.optim import OptimizerSpec, ShardOptimizer
 from ps.rules import ApplyOnArrival, PushLedger, SyncAveraging
 from ps.shard import ShardStore
 from ps.ssp import SSPGate
+from common.transport import bound_endpoint, make_router
 
 log = logging.getLogger("zps.server")
 
@@ -49,7 +50,7 @@ class ShardServer:
     """Holds one range of the flat parameter vector and serves pushes and pulls."""
 
     def __init__(self, settings: ServerSettings, ctx: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, sock: zmq.Socket | None = None):
         self.settings = settings
         self._clock = clock
         self._own_ctx = ctx is None
@@ -73,16 +74,8 @@ class ShardServer:
         self._done = threading.Event()
         # The socket is created and bound here so ``endpoint`` is known at once;
         # after this it is used only by the thread that runs ``serve``.
-        t = settings.transport
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.LINGER, int(t.linger * 1000))
-        self.sock.setsockopt(zmq.SNDHWM, t.sndhwm)
-        self.sock.setsockopt(zmq.RCVHWM, t.rcvhwm)
-        if t.max_msg_bytes:
-            self.sock.setsockopt(zmq.MAXMSGSIZE, t.max_msg_bytes)
-        self.sock.bind(settings.bind)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sock = sock if sock is not None else make_router(self.ctx, settings.bind, settings.transport)
+        self.endpoint = bound_endpoint(self.sock)
         self._wake_addr = f"inproc://zps-server-wake-{id(self)}"
         self._wake_rx = self.ctx.socket(zmq.PAIR)
         self._wake_rx.bind(self._wake_addr)
@@ -201,7 +194,8 @@ class ShardServer:
             self._error(ident, rid, ErrorCode.STALE_TIMEOUT,
                         f"read at clock {clk} needs min_clock >= {exp.need} but min_clock is "
                         f"{self.gate.min_clock}; held back by workers {list(exp.blockers)}",
-                        {"blockers": list(exp.blockers), "need": int(exp.need),
+                        {"blockers": list(exp.blockers),
+                         "need": None if math.isinf(exp.need) else int(exp.need),
                          "min_clock": self.gate.min_clock})
 
     @property
@@ -277,6 +271,10 @@ class ShardServer:
                 raise ProtocolError(
                     f"worker {w} incarnation {inc} is not the registered one ({known}): "
                     "a restarted worker must send HELLO first", ErrorCode.FENCED)
+            if not self.gate.workers[w].live:
+                raise ProtocolError(
+                    f"worker {w} was declared dead after {self.settings.worker_timeout:.1f}s of silence; "
+                    "send HELLO to rejoin at the current min_clock", ErrorCode.FENCED)
         self.gate.seen(w, self._clock())
 
     # ------------------------------------------------------------ handlers
@@ -299,14 +297,14 @@ class ShardServer:
             self.gate.check_worker(w)
         except ConfigError as exc:
             raise ProtocolError(str(exc)) from None
+        was_dead = not self.gate.workers[w].live
         if self.ledger.incarnation(w) != inc:
             self.ledger.reset(w, inc)
-            start = self.gate.join(w, inc, self._clock())
+        start = self.gate.join(w, inc, self._clock())
+        if was_dead or self.ledger.incarnation(w) != inc:
             start = self.rule.rejoin_clock(w, start)
-            if w in self.stats["dead_workers"]:
-                log.info("worker %d rejoined with incarnation %d at clock %d", w, inc, start)
-        else:
-            start = self.gate.join(w, inc, self._clock())
+        if was_dead:
+            log.info("worker %d rejoined (incarnation %d) at clock %d", w, inc, start)
         lo, hi = plan.range_of(self.settings.rank)
         self._reply(ident, msg, {
             "rank": self.settings.rank, "lo": lo, "hi": hi, "ph": plan.hash,

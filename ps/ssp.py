@@ -57,9 +57,10 @@ class SSPGate:
 
     def __init__(self, staleness, num_workers: int, worker_timeout: float, now: float = 0.0):
         self.staleness = parse_staleness(staleness)
-        if not isinstance(num_workers, int) or num_workers < 1:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
-        if not worker_timeout > 0:
+        if (isinstance(worker_timeout, bool) or not isinstance(worker_timeout, (int, float))
+                or not worker_timeout > 0):
             raise ConfigError(f"worker_timeout must be > 0 seconds, got {worker_timeout!r}")
         self.num_workers = num_workers
         self.worker_timeout = float(worker_timeout)

@@ -22,6 +22,7 @@ from common.protocol import (
     REPLY_TO,
     REQUEST_TYPES,
     SCHEMA,
+    _SIGNED,
     VERSION,
     WIRE_DTYPE,
     Limits,
@@ -67,6 +68,19 @@ HEADERS: dict[MsgType, dict] = {
     MsgType.SHUTDOWN_OK: {"rid": 7},
     MsgType.HEARTBEAT: {"rid": 8, "w": 3, "inc": 1_700_000_000_123},
     MsgType.HEARTBEAT_OK: {"rid": 8, "min_clock": 5},
+    MsgType.REGISTER: {"rid": 9, "role": "worker", "want": -1, "inc": 5, "endpoint": "",
+                       "host": "hostA", "pid": 4242, "version": "0.1.0"},
+    MsgType.REGISTER_OK: {"rid": 9, "rank": 2, "job": {"num_servers": 2, "staleness": -1}},
+    MsgType.ADDRESSES: {"rid": 10, "dl": 5000},
+    MsgType.ADDRESSES_OK: {"rid": 10, "servers": ["tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555"]},
+    MsgType.BARRIER: {"rid": 11, "name": "finished", "role": "worker", "rank": 1, "dl": 60000},
+    MsgType.BARRIER_OK: {"rid": 11, "members": [0, 1, 2]},
+    MsgType.BEAT: {"rid": 12, "role": "server", "rank": 0, "inc": 9},
+    MsgType.BEAT_OK: {"rid": 12, "state": "running", "dead_workers": []},
+    MsgType.DONE: {"rid": 13, "role": "worker", "rank": 1, "inc": 5, "result": {"clock": 100}},
+    MsgType.DONE_OK: {"rid": 13},
+    MsgType.STATUS: {"rid": 14},
+    MsgType.STATUS_OK: {"rid": 14, "status": {"state": "running"}},
     MsgType.ERROR: {"rid": 4, "code": int(ErrorCode.STALE_TIMEOUT),
                     "msg": "read at clock 6 not served within 30000 ms",
                     "detail": {"blockers": [0, 2]}},
@@ -350,7 +364,7 @@ def test_decode_rejects_a_missing_required_key(msg_type, key):
 
 #: Values of the wrong type for each declared type (bool is not an int here).
 WRONG = {int: [True, False, "3", 3.0, None, [3], b"3"], bool: [1, 0, "true", None],
-         dict: [[], "x", 1, None], str: [1, b"x", None, []]}
+         dict: [[], "x", 1, None], str: [1, b"x", None, []], list: [{}, "x", 1, None]}
 TYPED = [(t, k, bad) for t in MsgType
          for k, typ in {**SCHEMA[t], **OPTIONAL.get(t, {})}.items() for bad in WRONG[typ]]
 
@@ -369,7 +383,7 @@ def test_decode_rejects_a_rid_that_is_not_a_u64(bad):
 
 
 UNSIGNED = [(t, k) for t in MsgType for k, typ in {**SCHEMA[t], **OPTIONAL.get(t, {})}.items()
-            if typ is int and k not in {"staleness", "min_clock", "clk", "start_clock"}]
+            if typ is int and k not in _SIGNED]
 
 
 @pytest.mark.parametrize("msg_type,key", UNSIGNED, ids=[f"{t.name}.{k}" for t, k in UNSIGNED])

@@ -28,7 +28,7 @@ import torch
 import zmq
 
 from common.config import ClientSettings, staleness_from_wire
-from common.errors import ConfigError, ZPSError
+from common.errors import ConfigError, ErrorCode, RemoteError, ZPSError
 from worker.binding import ModelBinding
 from worker.client import PSClient, PullHandle, PushHandle
 
@@ -66,6 +66,7 @@ class PSWorker:
         self._pull: PullHandle | None = None
         self._pushes: collections.deque[PushHandle] = collections.deque()
         self.started = False
+        self.rejoins = 0
 
     @property
     def plan(self):
@@ -148,7 +149,7 @@ class PSWorker:
         handle = self.client.push(grads, self.clock, tick)
         self._pushes.append(handle)
         while len(self._pushes) > self.settings.max_pushes_in_flight:
-            self._pushes.popleft().wait(self.settings.request_timeout)
+            self._settle(self._pushes.popleft(), self.settings.request_timeout)
         if tick:
             self.clock += 1
             if self._pull is None and (self.settings.refresh == "eager" or not self._qualifies(self.clock)):
@@ -165,11 +166,36 @@ class PSWorker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._pushes:
             h = self._pushes.popleft()
-            h.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self._settle(h, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _raise_push_errors(self) -> None:
         while self._pushes and self._pushes[0].done():
-            self._pushes.popleft().wait(0)
+            self._settle(self._pushes.popleft(), 0)
+
+    def _settle(self, handle: PushHandle, timeout: float | None) -> None:
+        """Wait for one push's acknowledgements; rejoin if a server fenced us."""
+        try:
+            handle.wait(timeout)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.FENCED:
+                raise
+            self._rejoin(exc)
+
+    def _rejoin(self, why: Exception) -> None:
+        """A server declared this worker dead: register again and continue from its start clock."""
+        for h in self._pushes:  # pushes after the fenced one were fenced too
+            try:
+                h.wait(self.settings.request_timeout)
+            except RemoteError:
+                pass
+        self._pushes.clear()
+        replies = self.client.hello(self.plan)
+        old = self.clock
+        self.clock = max(self.clock, max(r["start_clock"] for r in replies))
+        self._stamp = -(1 << 62)
+        self.rejoins += 1
+        log.warning("worker %d was fenced (%s); rejoined at clock %d (was %d)",
+                    self.worker_id, why, self.clock, old)
 
     def fetch_weights(self, timeout: float | None = None) -> torch.Tensor:
         """Pull the newest weights regardless of staleness and install them."""

@@ -1,0 +1,145 @@
+"""``CoordinatorLink``: a role's connection to the coordinator.
+
+Blocking request/reply calls (register, addresses, barrier, done, status)
+on one DEALER socket used only by the calling thread, each bounded by a
+timeout; heartbeats on a second socket owned by a background thread, which
+reports the job state (``running``/``done``) and the workers the
+coordinator declared dead to a callback.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from common import protocol as proto
+from common.config import JobSettings
+from common.errors import ClosedError, DeadlineExceeded, ProtocolError, remote_error
+from common.protocol import Message, MsgType
+
+log = logging.getLogger("zps.control")
+
+VERSION = "0.1.0"
+
+
+class CoordinatorLink:
+    """Talks to the coordinator for one role process."""
+
+    def __init__(self, url: str, role: str, ctx: zmq.Context | None = None, timeout: float = 30.0):
+        if not url:
+            raise ValueError("no coordinator address: pass --coordinator tcp://HOST:PORT or set ZPS_COORDINATOR")
+        self.url = url
+        self.role = role
+        self.timeout = timeout
+        self.rank = -1
+        self.inc = int.from_bytes(os.urandom(4), "little") | 1
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self._rid = itertools.count(1)
+        self._sock = self._dealer()
+        self._beat_thread: threading.Thread | None = None
+        self._beat_stop = threading.Event()
+        self.state = "waiting"
+        self.dead_workers: list[int] = []
+        self._closed = False
+
+    def _dealer(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 1000)
+        s.connect(self.url)
+        return s
+
+    def call(self, msg_type: MsgType, header: dict | None = None, timeout: float | None = None,
+             sock: zmq.Socket | None = None) -> Message:
+        """Send one request and wait for its reply; typed errors on failure."""
+        if self._closed:
+            raise ClosedError("coordinator link is closed")
+        sock = sock or self._sock
+        t = self.timeout if timeout is None else timeout
+        rid = next(self._rid)
+        sock.send_multipart(proto.encode(msg_type, {"rid": rid, **(header or {})}))
+        deadline = time.monotonic() + t
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                raise DeadlineExceeded(f"coordinator {self.url} did not answer {msg_type.name} within {t:.0f}s; "
+                                       "is it running and reachable from this host?")
+            try:
+                reply = proto.decode(sock.recv_multipart())
+            except ProtocolError as exc:
+                raise ProtocolError(f"bad reply from coordinator {self.url}: {exc}") from None
+            if reply.rid != rid:
+                continue  # a late reply to an earlier, timed-out call
+            if reply.type == MsgType.ERROR:
+                raise remote_error(reply["code"], reply["msg"], self.url, reply.header.get("detail"))
+            return reply
+
+    def register(self, want: int = -1, endpoint: str = "", timeout: float | None = None) -> tuple[int, JobSettings]:
+        head = {"role": self.role, "want": want, "inc": self.inc, "endpoint": endpoint,
+                "host": socket.gethostname(), "pid": os.getpid(), "version": VERSION}
+        reply = self.call(MsgType.REGISTER, head, timeout)
+        self.rank = reply["rank"]
+        return self.rank, JobSettings.from_wire(reply["job"])
+
+    def addresses(self, timeout: float | None = None) -> list[str]:
+        t = self.timeout if timeout is None else timeout
+        reply = self.call(MsgType.ADDRESSES, {"dl": max(1, int(t * 1000))}, t + 5)
+        return list(reply["servers"])
+
+    def barrier(self, name: str, timeout: float | None = None) -> list[int]:
+        t = self.timeout if timeout is None else timeout
+        reply = self.call(MsgType.BARRIER, {"name": name, "role": self.role, "rank": self.rank,
+                                            "dl": max(1, int(t * 1000))}, t + 5)
+        return list(reply["members"])
+
+    def done(self, result: dict | None = None, timeout: float | None = None) -> None:
+        self.call(MsgType.DONE, {"role": self.role, "rank": self.rank, "inc": self.inc,
+                                 "result": result or {}}, timeout)
+
+    def status(self, timeout: float | None = None) -> dict:
+        return self.call(MsgType.STATUS, {}, timeout)["status"]
+
+    # ------------------------------------------------------------ heartbeats
+    def start_heartbeats(self, interval: float, on_state: Callable[[str, list], None] | None = None) -> None:
+        """Send a BEAT every ``interval`` seconds from a background thread."""
+        def run():
+            sock = self._dealer()
+            try:
+                while not self._beat_stop.wait(interval):
+                    try:
+                        reply = self.call(MsgType.BEAT, {"role": self.role, "rank": self.rank, "inc": self.inc},
+                                          max(interval * 3, 2.0), sock=sock)
+                    except DeadlineExceeded:
+                        log.warning("coordinator %s did not answer a heartbeat", self.url)
+                        sock.close(linger=0)
+                        sock = self._dealer()
+                        continue
+                    except Exception as exc:  # fenced or closed: report and keep trying
+                        log.warning("heartbeat to coordinator failed: %s", exc)
+                        continue
+                    self.state = reply["state"]
+                    self.dead_workers = list(reply["dead_workers"])
+                    if on_state is not None:
+                        on_state(self.state, self.dead_workers)
+            finally:
+                sock.close(linger=0)
+
+        self._beat_thread = threading.Thread(target=run, name=f"zps-beat-{self.role}", daemon=True)
+        self._beat_thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._beat_stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(10)
+        self._closed = True
+        self._sock.close(linger=500)
+        if self._own_ctx:
+            self.ctx.term()

@@ -1,0 +1,92 @@
+"""ZeroMQ sockets configured the zps way, and endpoint helpers.
+
+Every socket gets a finite LINGER and explicit high-water marks; ROUTER
+sockets get ROUTER_MANDATORY (a reply to a vanished peer is an error, never
+a silent drop) and MAXMSGSIZE when configured.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import sys
+from urllib.parse import urlparse
+
+import zmq
+
+log = logging.getLogger("zps.transport")
+
+
+def make_router(ctx: zmq.Context, bind: str, transport) -> zmq.Socket:
+    """A ROUTER socket with zps's options, bound to ``bind`` (port 0 picks a free port)."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.LINGER, int(transport.linger * 1000))
+    sock.setsockopt(zmq.SNDHWM, transport.sndhwm)
+    sock.setsockopt(zmq.RCVHWM, transport.rcvhwm)
+    if transport.max_msg_bytes:
+        sock.setsockopt(zmq.MAXMSGSIZE, transport.max_msg_bytes)
+    try:
+        sock.bind(_zmq_bind_form(bind))
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise OSError(f"cannot bind {bind}: {exc} (is the port in use, or the address not on this host?)") from None
+    return sock
+
+
+def _zmq_bind_form(endpoint: str) -> str:
+    """ZeroMQ writes the wildcard as ``*``; accept ``0.0.0.0`` too."""
+    return endpoint.replace("://0.0.0.0:", "://*:")
+
+
+def bound_endpoint(sock: zmq.Socket) -> str:
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def host_of(endpoint: str) -> str:
+    return urlparse(endpoint).hostname or ""
+
+
+def port_of(endpoint: str) -> int:
+    return urlparse(endpoint).port or 0
+
+
+def is_wildcard(host: str) -> bool:
+    return host in ("*", "0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def advertised_endpoint(bound: str, advertise: str = "") -> str:
+    """The address peers should connect to for a socket bound at ``bound``.
+
+    ``advertise`` (a host name or address) wins; a wildcard bind is advertised
+    under this host's name-resolved address.
+    """
+    port = port_of(bound)
+    host = host_of(bound)
+    if advertise:
+        return f"tcp://{advertise}:{port}"
+    if is_wildcard(host):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"tcp://{host}:{port}"
+
+
+def warn_if_exposed(bound: str, curve: bool) -> None:
+    """A non-loopback bind without CURVE is readable by anyone on the network: say so."""
+    host = host_of(bound)
+    if not curve and not is_loopback(host):
+        msg = (f"WARNING: {bound} is reachable from other hosts and traffic is neither encrypted "
+               "nor authenticated; use --curve-keys DIR (see bin/ps-keygen) across untrusted networks")
+        log.warning(msg)
+        print(msg, file=sys.stderr)

@@ -1,0 +1,156 @@
+"""The training API: a few lines turn a PyTorch training loop into a zps worker.
+
+    from worker import join
+
+    model = Net()
+    with join(model) as ps:                    # coordinator from ZPS_COORDINATOR
+        data = ps.shard(dataset)               # this worker's part of the data
+        for x, y in loader_over(data):
+            with ps.step():                    # read weights (SSP cache or pull), zero grads
+                loss = loss_fn(model(x), y)
+                loss.backward()                # on exit: push gradients, tick the clock
+            if ps.clock >= ps.steps:
+                break
+
+``join`` registers with the coordinator, learns the job (servers, staleness,
+optimizer) and binds the model's parameters to flat buffers.  Leaving the
+``with`` block waits for the last pushes, meets the other workers at a
+barrier and tells the coordinator this worker is done.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+import torch
+
+from common.config import ClientSettings, JobSettings
+from common.control import CoordinatorLink
+from common.errors import ZPSError
+from worker.session import PSWorker, ReadRecord
+
+log = logging.getLogger("zps.worker")
+
+
+def partition(n: int, rank: int, world: int) -> range:
+    """Contiguous, near-equal split of ``range(n)``: the part of ``rank`` of ``world``."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+class Session:
+    """One worker's membership in a job, with its bound model."""
+
+    def __init__(self, link: CoordinatorLink, job: JobSettings, rank: int, worker: PSWorker):
+        self.link = link
+        self.job = job
+        self.rank = rank
+        self.worker = worker
+        self.model = worker.model
+        self.last_read: ReadRecord | None = None
+        self._finished = False
+
+    @property
+    def world_size(self) -> int:
+        return self.job.num_workers
+
+    @property
+    def clock(self) -> int:
+        return self.worker.clock
+
+    @property
+    def steps(self) -> int:
+        return self.job.steps
+
+    @property
+    def staleness(self):
+        return self.worker.staleness
+
+    def shard(self, dataset) -> torch.utils.data.Subset:
+        """This worker's contiguous part of ``dataset``."""
+        return torch.utils.data.Subset(dataset, list(partition(len(dataset), self.rank, self.world_size)))
+
+    def read(self, timeout: float | None = None) -> ReadRecord:
+        self.last_read = self.worker.read(timeout)
+        return self.last_read
+
+    def zero_grad(self) -> None:
+        self.worker.zero_grad()
+
+    def push(self) -> None:
+        self.worker.push()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[ReadRecord]:
+        """read + zero_grad on entry; push + tick on a normal exit."""
+        rec = self.read()
+        self.zero_grad()
+        yield rec
+        self.push()
+
+    def finish(self, result: dict | None = None, timeout: float | None = None,
+               before_done=None) -> None:
+        """Wait for outstanding pushes, meet the other workers, report done.
+
+        ``before_done()`` runs after every worker arrived and before this one
+        reports done (the servers stay up until every worker reported), e.g.
+        to fetch and save the final weights.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        t = self.job.read_timeout if timeout is None else timeout
+        self.worker.flush(t)
+        try:
+            self.link.barrier("finished", t)
+        except ZPSError as exc:
+            log.warning("worker %d: finish barrier failed: %s", self.rank, exc)
+        if before_done is not None:
+            before_done()
+        self.link.done(result or {"clock": self.clock})
+
+    def close(self) -> None:
+        try:
+            self.worker.close()
+        finally:
+            self.link.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+        finally:
+            self.close()
+
+
+def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | None = None,
+         timeout: float = 300.0, settings: ClientSettings | None = None) -> Session:
+    """Register ``model`` as a worker of the job run by ``coordinator``.
+
+    ``coordinator`` defaults to ``$ZPS_COORDINATOR``; ``rank`` to
+    ``$ZPS_WORKER_RANK`` or any free rank.  Blocks until every server has
+    registered (at most ``timeout`` seconds).
+    """
+    url = coordinator or os.environ.get("ZPS_COORDINATOR", "")
+    if rank is None:
+        rank = int(os.environ.get("ZPS_WORKER_RANK", "-1"))
+    link = CoordinatorLink(url, "worker", timeout=timeout)
+    try:
+        got, job = link.register(rank)
+        servers = link.addresses(timeout)
+        link.start_heartbeats(job.heartbeat_interval)
+        cs = settings or ClientSettings(read_timeout=job.read_timeout, heartbeat_interval=job.heartbeat_interval,
+                                        frame_elems=job.frame_elems)
+        pw = PSWorker(model, servers, got, settings=cs, incarnation=link.inc)
+        pw.start(timeout)
+    except BaseException:
+        link.close()
+        raise
+    log.info("worker %d of %d joined (%d servers, staleness %s)", got, job.num_workers, len(servers), pw.staleness)
+    return Session(link, job, got, pw)

@@ -1,0 +1,131 @@
+"""``ps-worker``: run one worker: a built-in workload, or the user's own script."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+from common.cli import (add_common, add_settings, fail, load_job, print_ready, settings_from_args,
+                        setup_logging)
+from common.config import WorkerSettings
+from common.errors import ConfigError, ZPSError
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ps-worker",
+        usage="ps-worker --coordinator URL [options] [-- COMMAND ...]",
+        description="Run one zps worker. Without a COMMAND it trains the job's built-in workload "
+                    "(or --workload). With '-- COMMAND ...' it runs your training script, passing the "
+                    "connection in the environment (ZPS_COORDINATOR, ZPS_WORKER_RANK, ZPS_OUT); the "
+                    "script calls worker.join(model). Prints 'READY {json}' once registered.")
+    add_common(p)
+    add_settings(p, WorkerSettings)
+    return p
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    ns = worker_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(WorkerSettings, ns, load_job(ns.job), "worker")
+    except ConfigError as exc:
+        return fail(str(exc))
+    if not settings.coordinator:
+        return fail("no coordinator: pass --coordinator tcp://HOST:PORT or set ZPS_COORDINATOR")
+    if settings.out:
+        os.makedirs(settings.out, exist_ok=True)
+    if command:
+        return run_script(settings, command)
+    setup_logging(ns.log_level, f"worker[{settings.rank if settings.rank >= 0 else '?'}]")
+    return run_builtin(settings)
+
+
+def run_script(settings: WorkerSettings, command: list[str]) -> int:
+    """Run the user's script with the connection in its environment; forward stop signals."""
+    env = dict(os.environ, ZPS_COORDINATOR=settings.coordinator)
+    if settings.rank >= 0:
+        env["ZPS_WORKER_RANK"] = str(settings.rank)
+    if settings.out:
+        env["ZPS_OUT"] = settings.out
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as exc:
+        return fail(f"cannot run {command[0]!r}: {exc}", 127)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    print_ready("worker", settings.rank, "", pid=os.getpid(), script=command)
+    return child.wait()
+
+
+def run_builtin(settings: WorkerSettings) -> int:
+    import logging
+
+    import torch
+
+    from worker.api import join
+    from worker.trainer import train_workload
+    from worker.workloads import get_workload
+
+    log = logging.getLogger("zps.worker")
+    stopping = {"flag": False}
+
+    def on_signal(signum, _frame):
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    from common.control import CoordinatorLink
+
+    # The job (and so the workload and seed) comes from the coordinator; ask it first.
+    probe = CoordinatorLink(settings.coordinator, "worker", timeout=settings.register_timeout)
+    try:
+        job = probe.status()["job"]
+    except ZPSError as exc:
+        probe.close()
+        return fail(f"cannot reach coordinator {settings.coordinator}: {exc}", 1)
+    probe.close()
+    name = settings.workload or job.get("workload", "")
+    if not name:
+        return fail("the job names no workload: pass --workload NAME or run your script after '--'")
+    try:
+        workload = get_workload(name, seed=job.get("seed", 0))
+    except ValueError as exc:
+        return fail(str(exc))
+    torch.manual_seed(job.get("seed", 0))
+    model = workload.build_model().to(settings.device)
+    try:
+        session = join(model, settings.coordinator, settings.rank, timeout=settings.register_timeout)
+    except (ZPSError, OSError) as exc:
+        return fail(f"cannot join the job: {exc}", 1)
+    print_ready("worker", session.rank, "", pid=os.getpid(), servers=session.worker.client.endpoints,
+                clock=session.clock)
+    try:
+        train_workload(session, workload, settings.out, settings.save if session.rank == 0 else "",
+                       settings.progress)
+    except KeyboardInterrupt:
+        log.warning("worker %d interrupted at clock %d", session.rank, session.clock)
+        session.close()
+        return 130
+    except ZPSError as exc:
+        log.error("worker %d failed at clock %d: %s", session.rank, session.clock, exc)
+        session.close()
+        return 1
+    session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,294 @@
+"""``ps-launch``: a whole job on one host — coordinator, S servers, W workers.
+
+Log lines are prefixed with the role and rank.  Ctrl-C or the first failure
+stops everything; the exit status is non-zero when any role failed.  A worker
+killed by a signal is *lost*, not failed: the others go on (that is what the
+parameter-server model promises); ``--restarts N`` restarts a lost worker (it
+rejoins under its old rank at the servers' current minimum clock).  On
+success ``OUT/summary.json`` and ``OUT/metrics.jsonl`` are written.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+from zpscluster.procs import RoleProcess, bin_cmd
+
+JOB_FLAGS = ("staleness", "workload", "steps", "optimizer", "lr", "momentum", "seed", "straggler",
+             "batch_size", "eval_every", "worker_timeout", "heartbeat_interval", "read_timeout",
+             "weight_decay", "frame_elems")
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ps-launch",
+        description="Run a whole zps job on this host: coordinator, S servers and W workers. "
+                    "Writes OUT/summary.json and OUT/metrics.jsonl.")
+    p.add_argument("--servers", type=int, default=2, help="number of servers S [2]")
+    p.add_argument("--workers", type=int, default=4, help="number of workers W [4]")
+    p.add_argument("--staleness", default="2", help="staleness bound: 0 (BSP), K (SSP) or inf (ASP) [2]")
+    p.add_argument("--workload", default="digits", help="linreg, digits, mf or charlm [digits]")
+    p.add_argument("--steps", type=int, default=None, help="iterations per worker [the workload's]")
+    p.add_argument("--optimizer", default=None, help="sgd, adam, adamw, adagrad [the workload's]")
+    p.add_argument("--lr", type=float, default=None, help="learning rate [the workload's]")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum [the workload's]")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay [optimizer default]")
+    p.add_argument("--batch-size", type=int, default=None, help="per-worker batch size [the workload's]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data split and stragglers [0]")
+    p.add_argument("--straggler", default="none",
+                   help="none, RANK:FACTOR (that rank FACTOR times slower) or random:P:FACTOR [none]")
+    p.add_argument("--eval-every", type=int, default=None, help="worker 0 evaluates every N clocks")
+    p.add_argument("--out", default="out/job", help="output folder [out/job]")
+    p.add_argument("--save", default="", help="write the trained model's state_dict here")
+    p.add_argument("--restarts", type=int, default=0, help="restart a lost worker up to N times [0]")
+    p.add_argument("--worker-timeout", type=float, default=None,
+                   help="seconds of silence after which a worker is dropped [10]")
+    p.add_argument("--heartbeat-interval", type=float, default=None, help="seconds between heartbeats [1]")
+    p.add_argument("--read-timeout", type=float, default=None, help="seconds a read may wait [120]")
+    p.add_argument("--frame-elems", type=int, default=None, help="elements per data frame [262144]")
+    p.add_argument("--timeout", type=float, default=3600.0, help="stop everything after this many seconds [3600]")
+    p.add_argument("--quiet", action="store_true", help="do not stream the roles' log lines")
+    p.add_argument("--log-level", default="INFO", help="log level of every role [INFO]")
+    return p
+
+
+class Launch:
+    """One job's processes and their fate."""
+
+    def __init__(self, args: argparse.Namespace, out=sys.stdout):
+        self.args = args
+        self.out = out
+        self._lock = threading.Lock()
+        self.procs: dict[str, RoleProcess] = {}
+        self.worker_state: dict[int, str] = {}
+        self.restarts = collections.Counter()
+        self.lost: list[dict] = []
+        self.failure: str | None = None
+        self.coordinator_url = ""
+        self.env = {"ZPS_LOG_LEVEL": args.log_level}
+
+    def say(self, line: str) -> None:
+        with self._lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def _sink(self, line: str) -> None:
+        if not self.args.quiet:
+            self.say(line)
+
+    def _start(self, name: str, cmd: list[str]) -> RoleProcess:
+        p = RoleProcess(cmd, name, env=self.env, sink=self._sink)
+        self.procs[name] = p
+        return p
+
+    def job_args(self) -> list[str]:
+        a = self.args
+        out = ["--num-servers", str(a.servers), "--num-workers", str(a.workers)]
+        for name in JOB_FLAGS:
+            v = getattr(a, name, None)
+            if v is not None and v != "":
+                out += ["--" + name.replace("_", "-"), str(v)]
+        return out
+
+    def start_worker(self, rank: int) -> RoleProcess:
+        a = self.args
+        cmd = bin_cmd("ps-worker", "--coordinator", self.coordinator_url, "--rank", str(rank),
+                      "--out", a.out, "--progress", "lines" if rank == 0 else "off")
+        if a.save and rank == 0:
+            cmd += ["--save", a.save]
+        self.worker_state[rank] = "running"
+        return self._start(f"worker{rank}", cmd)
+
+    def run(self) -> int:
+        a = self.args
+        os.makedirs(a.out, exist_ok=True)
+        for f in os.listdir(a.out):
+            if f.startswith(("metrics-w", "result-w")) or f in ("final.json", "summary.json", "metrics.jsonl"):
+                os.remove(os.path.join(a.out, f))
+        t0 = time.time()
+        deadline = time.monotonic() + a.timeout
+        try:
+            coord = self._start("coordinator", bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0",
+                                                       *self.job_args()))
+            info = coord.wait_ready(120)
+            self.coordinator_url = info["endpoint"]
+            self.job = info.get("job", {})
+            self.say(f"[launch] coordinator at {self.coordinator_url}; starting {a.servers} servers "
+                     f"and {a.workers} workers ({self.job.get('workload')}, staleness {a.staleness})")
+            servers = [self._start(f"server{k}", bin_cmd("ps-server", "--coordinator", self.coordinator_url,
+                                                         "--rank", str(k), "--bind", "tcp://127.0.0.1:0"))
+                       for k in range(a.servers)]
+            for s in servers:
+                s.wait_ready(120)
+            for r in range(a.workers):
+                self.start_worker(r)
+            code = self._watch(deadline)
+        except KeyboardInterrupt:
+            self.say("[launch] interrupted: stopping every role")
+            self.failure = "interrupted"
+            code = 130
+        except Exception as exc:  # a role that never became ready, a bad flag
+            self.failure = str(exc)
+            self.say(f"[launch] failed: {exc}")
+            code = 1
+        finally:
+            self.stop_all()
+        wall = time.time() - t0
+        if code == 0:
+            try:
+                summary = write_summary(a, self, wall)
+            except (OSError, ValueError, KeyError) as exc:
+                self.say(f"[launch] could not write the summary: {exc}")
+                return 1
+            ev = summary["eval_metric"]
+            self.say(f"[launch] done in {wall:.1f}s: {ev['name']} = {ev['value']:.4f}, "
+                     f"final loss {summary['final_loss']:.4f}, max read staleness {summary['staleness_max']}"
+                     + (f", lost workers {summary['lost_workers']}" if summary["lost_workers"] else ""))
+            self.say(f"[launch] summary: {os.path.join(a.out, 'summary.json')}")
+        else:
+            self.say(f"[launch] job failed ({self.failure})")
+        return code
+
+    def _watch(self, deadline: float) -> int:
+        a = self.args
+        stop = threading.Event()
+        while not stop.wait(0.1):
+            if time.monotonic() > deadline:
+                self.failure = f"job did not finish within {a.timeout:.0f}s"
+                return 1
+            for name, p in list(self.procs.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                if name.startswith("worker") and self.worker_state.get(int(name[6:])) == "running":
+                    rank = int(name[6:])
+                    if rc == 0:
+                        self.worker_state[rank] = "finished"
+                    elif rc < 0:  # killed by a signal: lost, not failed
+                        self.lost.append({"rank": rank, "signal": -rc, "time": time.time()})
+                        self.say(f"[launch] worker {rank} was killed by signal {-rc}")
+                        if self.restarts[rank] < a.restarts:
+                            self.restarts[rank] += 1
+                            self.say(f"[launch] restarting worker {rank} "
+                                     f"({self.restarts[rank]}/{a.restarts})")
+                            self.start_worker(rank)
+                        else:
+                            self.worker_state[rank] = "lost"
+                    else:
+                        self.worker_state[rank] = "failed"
+                        self.failure = f"worker {rank} exited with code {rc}: {p.tail(3)}"
+                        return 1
+                elif not name.startswith("worker") and rc != 0 and not self._workers_over():
+                    self.failure = f"{name} exited with code {rc}: {p.tail(3)}"
+                    return 1
+            if self._workers_over():
+                if all(s == "lost" for s in self.worker_state.values()):
+                    self.failure = "every worker was lost"
+                    return 1
+                # servers and the coordinator stop on their own once every worker is done
+                end = time.monotonic() + 30
+                for name, p in self.procs.items():
+                    if not name.startswith("worker"):
+                        try:
+                            p.wait(max(0.1, end - time.monotonic()))
+                        except Exception:
+                            self.say(f"[launch] {name} did not stop on its own; stopping it")
+                return 0
+        return 1
+
+    def _workers_over(self) -> bool:
+        return all(s in ("finished", "lost") for s in self.worker_state.values()) and \
+            len(self.worker_state) == self.args.workers
+
+    def stop_all(self) -> None:
+        order = sorted(self.procs.items(), key=lambda kv: (not kv[0].startswith("worker"),
+                                                           kv[0] == "coordinator"))
+        for name, p in order:
+            if p.poll() is None:
+                p.stop(timeout=10)
+
+
+def write_summary(args, launch: Launch, wall: float) -> dict:
+    out = args.out
+    rows = []
+    for f in sorted(os.listdir(out)):
+        if f.startswith("metrics-w") and f.endswith(".jsonl"):
+            with open(os.path.join(out, f)) as fh:
+                rows += [json.loads(line) for line in fh if line.strip()]
+    if not rows:
+        raise ValueError("no worker wrote any metrics")
+    t_min = min(r["time"] for r in rows)
+    rows.sort(key=lambda r: r["time"])
+    with open(os.path.join(out, "metrics.jsonl"), "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({**r, "elapsed": round(r["time"] - t_min, 6)}) + "\n")
+    results = []
+    for f in sorted(os.listdir(out)):
+        if f.startswith("result-w") and f.endswith(".json"):
+            with open(os.path.join(out, f)) as fh:
+                results.append(json.load(fh))
+    with open(os.path.join(out, "final.json")) as fh:
+        final = json.load(fh)
+    hist = collections.Counter(int(r["read_staleness"]) for r in rows)
+    servers = final.get("servers", [])
+    job = launch.job
+    staleness = job.get("staleness", args.staleness)
+    summary = {
+        "workload": job.get("workload", args.workload),
+        "servers": args.servers,
+        "workers": args.workers,
+        "staleness": "inf" if staleness in (-1, "inf") else staleness,
+        "steps": job.get("steps", args.steps),
+        "optimizer": job.get("optimizer"),
+        "lr": job.get("lr"),
+        "momentum": job.get("momentum"),
+        "seed": args.seed,
+        "straggler": args.straggler,
+        "wall_seconds": round(wall, 3),
+        "iterations": len(rows),
+        "final_loss": final["eval_loss"],
+        "train_loss_last": sum(r["loss"] for r in rows[-args.workers:]) / min(len(rows), args.workers),
+        "eval_metric": {"name": final["metric"], "value": final["value"]},
+        "staleness_max": max(hist),
+        "staleness_mean": sum(k * v for k, v in hist.items()) / len(rows),
+        "staleness_histogram": {str(k): hist[k] for k in sorted(hist)},
+        "wait_seconds_total": sum(r["wait_seconds"] for r in rows),
+        "compute_seconds_total": sum(r["compute_seconds"] for r in rows),
+        "delay_seconds_total": sum(r.get("delay_seconds", 0.0) for r in rows),
+        "pushes": sum(s.get("pushes", 0) for s in servers),
+        "pulls": sum(s.get("pulls", 0) for s in servers),
+        "dup_pushes": sum(s.get("dup_pushes", 0) for s in servers),
+        "bytes_sent": sum(r.get("client", {}).get("bytes_sent", 0) for r in results),
+        "bytes_received": sum(r.get("client", {}).get("bytes_received", 0) for r in results),
+        "server_steps": [s.get("step", 0) for s in servers],
+        "lost_workers": launch.lost,
+        "restarts": dict((str(k), v) for k, v in launch.restarts.items()),
+        "rejoins": sum(r.get("rejoins", 0) for r in results),
+        "saved": final.get("saved", ""),
+    }
+    if summary["staleness_max"] is None or math.isnan(summary["final_loss"]):
+        raise ValueError("summary holds no usable loss")
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = launch_parser().parse_args(argv)
+    if args.servers < 1 or args.workers < 1:
+        sys.stderr.write("error: --servers and --workers must be at least 1\n")
+        return 2
+    launch = Launch(args)
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return launch.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
