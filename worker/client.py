@@ -306,11 +306,15 @@ class PSClient:
                         try:
                             socks[k].send_multipart(frames, zmq.NOBLOCK, copy=False)
                         except zmq.Again:
+                            cmd = frames = None
                             fut.set_exception(ZPSError(
                                 f"send queue to server {k} ({self.endpoints[k]}) is full; raise sndhwm"))
                             continue
                         self.stats["requests"] += 1
                         self.stats["bytes_sent"] += sum(len(f) for f in frames)
+                        # drop our references: ZeroMQ reports a zero-copy frame as sent
+                        # (its tracker) only once no Python object holds it
+                        cmd = frames = None
                         pending[rid] = (fut, k, mtype)
                         heapq.heappush(deadlines, (deadline, rid))
                 for s in socks:

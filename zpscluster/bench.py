@@ -1,30 +1,39 @@
 """``ps-bench``: zps measured beside its baselines, in one run, on one machine.
 
-Sections (each figure is the median of ``reps`` repetitions after a warm-up,
-with min and max; a repetition runs the operation enough times to last at
-least ``min_rep_s`` seconds and reports its mean rate)::
+Sections::
 
     bulk      dense push / pull / push+pull of N fp32 elements through PSClient
               to 1 and 2 ps-server processes (plain SGD, staleness inf),
-              against bare pyzmq DEALER->ROUTER(s) in separate processes moving
-              the same bytes zero-copy, chunked and pipelined (best variant)
+              against bare pyzmq DEALER->ROUTER(s) in other processes moving
+              the same bytes zero-copy, chunked and pipelined (best variant),
+              a torch.distributed.rpc parameter server and gloo all_reduce
     small     round trips per second of 4 KiB pushes and pulls, 1 and 8 in
-              flight, zps (PSClient futures) against bare pyzmq
+              flight: zps (PSClient futures), bare pyzmq, torch rpc
     update    ps.optim.ShardOptimizer (SGD-momentum, Adam) in elements/s and
               memory traffic, against torch ``copy_`` of a 1-D fp32 buffer
-    peers     a torch.distributed.rpc parameter server (PyTorch tutorial
-              pattern) and gloo all_reduce between two processes
     memory    peak RSS of a server (Adam) and of a PSWorker over their floors
     train     iterations/s of local training against training through zps
               (1 server, 1 worker, staleness 1 and inf), compute- and
               communication-heavy models
 
-Every helper process (server, bare ROUTER, rpc and gloo peers, trainers) is a
-child started through ``zpscluster.procs.RoleProcess``; it prints a READY
-line and, for measuring peers, one ``RESULT {json}`` line.  All of them are
-ended in ``finally`` (SIGTERM, then SIGKILL), and each asks the kernel to
-SIGTERM it if the benchmark process dies (``PR_SET_PDEATHSIG``).  Every
-blocking call has a timeout.
+How a figure is measured: the candidates of one comparison (zps and its
+baselines) are *interleaved*: after a warm-up that also calibrates how many
+calls make one repetition last ``min_rep_s``, every repetition runs each
+candidate once, in a rotating order, so a change of load on a shared machine
+hits all of them alike.  A figure is the median of the repetitions' mean
+rates, with min and max.  Candidates in other processes (rpc, gloo,
+trainers) are driven over a REQ/REP control socket and time themselves.
+
+Every helper process (server, bare ROUTER, rpc and gloo peers, trainers) is
+started through ``zpscluster.procs.RoleProcess``; it prints a READY line
+(measuring peers: with their control endpoint).  All of them are ended in
+``finally`` (SIGTERM, then SIGKILL), each asks the kernel to SIGTERM it if
+the benchmark process dies (``PR_SET_PDEATHSIG``), and every blocking call
+has a timeout.
+
+``--what-if`` adds candidates served by a ps-server whose torch runs one
+intra-op thread (``OMP_NUM_THREADS=1``), the engine change docs/BENCHMARKS.md
+proposes.
 
 Units: sizes are counted in elements of 2**20 (``1M`` = 1,048,576 fp32
 elements = 4 MiB); GB/s is 10**9 bytes of payload per second.
@@ -33,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import datetime
 import itertools
 import json
@@ -47,6 +55,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 from zpscluster.procs import ROOT, RoleFailed, RoleProcess, bin_cmd
@@ -55,17 +64,19 @@ MI = 1 << 20
 KIB4 = 1024  # elements of a 4 KiB tensor
 DEFAULT_SIZES = (1 * MI, 16 * MI, 64 * MI)
 QUICK_SIZES = (1 * MI,)
-SECTIONS = ("bulk", "small", "update", "peers", "memory", "train")
+SECTIONS = ("bulk", "small", "update", "memory", "train")
 LR = 0.01
-#: Seconds any single request / wait of the benchmark may take.
+#: Seconds any single request, command or wait of the benchmark may take.
 OP_TIMEOUT = 120.0
 #: Seconds a helper process may take to print READY.
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 90.0
+#: Small operations per timed call (a call pipelines them at the given depth).
+SMALL_BATCH = 200
 
-#: bytes of memory traffic per element (read + write) of each update
-TRAFFIC = {"copy": 8, "sgd_momentum": 20, "adam": 28}
+#: bytes of memory traffic per element (reads + writes) of each update
+TRAFFIC = {"copy": 8, "sgd_momentum": 20, "adam": 28, "adam_torch_flat": 28}
 
-#: target of each headline ratio: (comparison, value)
+#: target of each headline ratio
 TARGETS = {
     "push_vs_bare": 0.8, "pull_vs_bare": 0.8,
     "push_vs_rpc": 1.5, "pull_vs_rpc": 1.5,
@@ -75,8 +86,9 @@ TARGETS = {
     "server_memory_vs_floor": 1.3,  # at most
     "train_vs_local_s1": 0.85,
 }
-AT_MOST = {"server_memory_vs_floor"}
+AT_MOST = frozenset({"server_memory_vs_floor"})
 REQUIRED_RATIOS = tuple(TARGETS)
+REQUIRED_SECTIONS = ("meta", "bulk", "small", "update", "memory", "train", "ratios", "targets")
 
 
 # =================================================================== figures
@@ -84,33 +96,50 @@ def summarize(values: Sequence[float], unit: str) -> dict:
     """Median, min and max of per-repetition values."""
     vals = [float(v) for v in values]
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-            "n": len(vals), "unit": unit, "samples": vals}
+            "n": len(vals), "unit": unit, "samples": [round(v, 6) for v in vals]}
 
 
-def timed_reps(op: Callable[[], Any], reps: int, warmup: int, min_rep_s: float,
-               max_inner: int = 1 << 20) -> list[float]:
-    """Seconds per call of ``op``: one value per repetition, after ``warmup`` calls.
+class Cand:
+    """One candidate of a comparison: ``run(inner)`` makes ``inner`` calls, returns seconds per call."""
 
-    The warm-up also calibrates how many calls one repetition makes so that it
-    lasts at least ``min_rep_s``.
-    """
-    t_one = None
-    for _ in range(max(1, warmup)):
-        t0 = time.perf_counter()
-        op()
-        t_one = time.perf_counter() - t0
-    inner = max(1, min(max_inner, math.ceil(min_rep_s / max(t_one, 1e-9))))
-    out = []
-    for _ in range(reps):
+    def __init__(self, run: Callable[[int], float], work: float, unit: str):
+        self.run = run
+        self.work = work    # units of ``unit`` done by one call (bytes/1e9, ops, elements)
+        self.unit = unit
+
+
+def local(op: Callable[[], Any], work: float, unit: str) -> Cand:
+    def run(inner: int) -> float:
         t0 = time.perf_counter()
         for _ in range(inner):
             op()
-        out.append((time.perf_counter() - t0) / inner)
+        return (time.perf_counter() - t0) / inner
+    return Cand(run, work, unit)
+
+
+def interleaved(cands: dict[str, Cand], reps: int, warmup: int, min_rep_s: float,
+                progress: Callable[[str], None] | None = None, label: str = "") -> dict[str, dict]:
+    """Warm up and calibrate every candidate, then ``reps`` rounds of one repetition each."""
+    inner = {}
+    for name, c in cands.items():
+        t_one = 1.0
+        for _ in range(max(1, warmup)):
+            t_one = c.run(1)
+        inner[name] = max(1, math.ceil(min_rep_s / max(t_one, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in cands}
+    names = list(cands)
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(cands[name].run(inner[name]))
+    out = {}
+    for name, c in cands.items():
+        out[name] = summarize([c.work / s for s in samples[name]], c.unit)
+        out[name]["calls_per_rep"] = inner[name]
+    if progress:
+        progress(f"{label}: " + ", ".join(f"{n} {_fmt(f['median'], f['unit'])}" for n, f in out.items())
+                 + f" {next(iter(out.values()))['unit']}")
     return out
-
-
-def rates(seconds: Sequence[float], work: float) -> list[float]:
-    return [work / s for s in seconds]
 
 
 def parse_size(text: str) -> int:
@@ -126,8 +155,8 @@ def parse_size(text: str) -> int:
         n = int(float(t) * mult)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size {text!r} is not a number of elements (e.g. 1M, 16M)") from None
-    if n < 64:
-        raise argparse.ArgumentTypeError(f"size {text!r} is below 64 elements")
+    if n < 4096:
+        raise argparse.ArgumentTypeError(f"size {text!r} is below 4096 elements")
     return n - n % 64
 
 
@@ -165,44 +194,98 @@ _GUARD = ("import ctypes, os, signal, sys\n"
           "if os.getppid() != int(sys.argv[1]): os._exit(3)\n"
           "os.execv(sys.argv[2], sys.argv[2:])\n")
 
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 def guarded(cmd: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", _GUARD, str(os.getpid()), *cmd]
+
+
+class PeerControl:
+    """REQ side of a measuring peer's control socket."""
+
+    def __init__(self, ctx, endpoint: str, name: str):
+        import zmq
+        self.name = name
+        self.sock = ctx.socket(zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, cmd: dict) -> None:
+        self.sock.send_json(cmd)
+
+    def recv(self, timeout: float = OP_TIMEOUT) -> dict:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"{self.name} did not answer within {timeout:.0f}s")
+        reply = self.sock.recv_json()
+        if "error" in reply:
+            raise RoleFailed(f"{self.name}: {reply['error']}")
+        return reply
+
+    def call(self, timeout: float = OP_TIMEOUT, **cmd) -> dict:
+        self.send(cmd)
+        return self.recv(timeout)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def remote(ctls: Sequence[PeerControl], cmd: dict, work: float, unit: str) -> Cand:
+    """A candidate run by peers (all get the command; the first one's timing counts)."""
+    def run(inner: int) -> float:
+        for c in ctls:
+            c.send(dict(cmd, op="run", inner=inner))
+        replies = [c.recv() for c in ctls]
+        return replies[0]["seconds"]
+    return Cand(run, work, unit)
 
 
 class Bench:
     """Options, progress output and every child process of one benchmark run."""
 
     def __init__(self, opts: argparse.Namespace):
+        import zmq
         self.opts = opts
         self.t0 = time.perf_counter()
         self.procs: list[RoleProcess] = []
+        self.ctls: list[PeerControl] = []
+        self.ctx = zmq.Context()
         self._lock = threading.Lock()
 
     def progress(self, msg: str) -> None:
         print(f"[ps-bench {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     # -- children ------------------------------------------------------
-    def spawn(self, cmd: Sequence[str], name: str) -> RoleProcess:
-        env = {"PYTHONPATH": ROOT, "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
-        p = RoleProcess(guarded(cmd), name, env=env, cwd=ROOT)
+    def spawn(self, cmd: Sequence[str], name: str, env: dict | None = None) -> RoleProcess:
+        full = {"PYTHONPATH": ROOT, "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", **(env or {})}
+        p = RoleProcess(guarded(cmd), name, env=full, cwd=ROOT)
         with self._lock:
             self.procs.append(p)
         return p
 
-    def server(self, rank: int, num_servers: int, num_workers: int, staleness: str,
-               optimizer: str = "sgd", name: str | None = None) -> RoleProcess:
-        cmd = bin_cmd("ps-server", "--rank", str(rank), "--num-servers", str(num_servers),
-                      "--num-workers", str(num_workers), "--staleness", staleness,
-                      "--bind", "tcp://127.0.0.1:0", "--optimizer", optimizer, "--lr", str(LR),
-                      "--log-level", "WARNING")
-        return self.spawn(cmd, name or f"server{rank}of{num_servers}")
+    def server(self, num_servers: int, staleness: str, optimizer: str = "sgd", num_workers: int = 1,
+               name: str = "server", one_thread: bool = False) -> list[RoleProcess]:
+        """Start the ``num_servers`` servers of one job (READY not awaited)."""
+        out = []
+        for k in range(num_servers):
+            cmd = bin_cmd("ps-server", "--rank", str(k), "--num-servers", str(num_servers),
+                          "--num-workers", str(num_workers), "--staleness", staleness,
+                          "--bind", "tcp://127.0.0.1:0", "--optimizer", optimizer, "--lr", str(LR),
+                          "--log-level", "WARNING")
+            out.append(self.spawn(cmd, f"{name}.{k}", ONE_THREAD_ENV if one_thread else None))
+        return out
 
     def peer(self, kind: str, cfg: dict, name: str) -> RoleProcess:
         return self.spawn(bin_cmd("ps-bench", "--peer", kind, "--peer-config", json.dumps(cfg)), name)
 
     def ready(self, *ps: RoleProcess) -> list[str]:
         return [p.wait_ready(READY_TIMEOUT).get("endpoint", "") for p in ps]
+
+    def control(self, p: RoleProcess) -> PeerControl:
+        info = p.wait_ready(READY_TIMEOUT)
+        c = PeerControl(self.ctx, info["control"], p.name)
+        self.ctls.append(c)
+        return c
 
     def end(self, *ps: RoleProcess) -> None:
         for p in ps:
@@ -213,28 +296,49 @@ class Bench:
                     if p in self.procs:
                         self.procs.remove(p)
 
-    def end_all(self) -> None:
+    def quit_peers(self, ctls: Sequence[PeerControl], ps: Sequence[RoleProcess], timeout: float = 60) -> None:
+        """Ask measuring peers to finish cleanly, then end them whatever happened."""
+        try:
+            for c in ctls:
+                c.send({"op": "quit"})
+            for c in ctls:
+                c.recv(timeout)
+            for p in ps:
+                p.wait(timeout)
+        except Exception as exc:
+            self.progress(f"a peer did not quit cleanly ({exc}); ending it")
+        finally:
+            for c in ctls:
+                c.close()
+                if c in self.ctls:
+                    self.ctls.remove(c)
+            self.end(*ps)
+
+    def close(self) -> None:
         with self._lock:
             ps, self.procs = list(self.procs), []
+        for c in self.ctls:
+            c.close()
+        self.ctls = []
         for p in ps:
             try:
                 p.stop(timeout=10)
             except Exception as exc:  # keep ending the others
                 print(f"ps-bench: could not stop {p.name}: {exc}", file=sys.stderr)
+        self.ctx.destroy(linger=0)
 
 
 def wait_result(p: RoleProcess, timeout: float) -> dict:
     """The JSON of the child's ``RESULT`` line; RoleFailed if it exits without one."""
     deadline = time.monotonic() + timeout
     while True:
+        exited = p.poll() is not None
+        if exited:
+            time.sleep(0.2)  # let the reader threads drain
         for line in reversed(list(p.lines)):
             if line.startswith("RESULT "):
                 return json.loads(line[7:])
-        if p.poll() is not None:
-            time.sleep(0.2)  # let the reader threads drain
-            for line in reversed(list(p.lines)):
-                if line.startswith("RESULT "):
-                    return json.loads(line[7:])
+        if exited:
             raise RoleFailed(f"{p.name} exited with code {p.poll()} without a result; "
                              f"last output: {p.tail(15)}")
         if time.monotonic() > deadline:
@@ -247,11 +351,47 @@ def _emit(kind: str, obj: dict) -> None:
     sys.stdout.flush()
 
 
+def serve_commands(handlers: dict[str, Callable[..., dict]], ready: dict,
+                   on_quit: Callable[[], None] | None = None, idle_timeout: float = 1800) -> None:
+    """A peer's control loop: REP socket, one JSON command at a time, until ``quit``."""
+    import zmq
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.bind("tcp://127.0.0.1:0")
+    _emit("READY", dict(ready, control=sock.getsockopt_string(zmq.LAST_ENDPOINT)))
+    try:
+        while sock.poll(int(idle_timeout * 1000)):
+            cmd = sock.recv_json()
+            op = cmd.pop("op", None)
+            if op == "quit":
+                if on_quit is not None:
+                    on_quit()
+                sock.send_json({})
+                return
+            try:
+                reply = handlers[op](**cmd)
+            except Exception as exc:  # reported to the benchmark, which stops
+                traceback.print_exc()
+                reply = {"error": f"{op}: {type(exc).__name__}: {exc}"}
+            sock.send_json(reply)
+        print("peer: no command within the idle timeout; exiting", file=sys.stderr)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _timed(op: Callable[[], Any], inner: int) -> dict:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        op()
+    return {"seconds": (time.perf_counter() - t0) / inner}
+
+
 # =================================================================== bare pyzmq
 # Bare protocol between a DEALER (this process) and a ROUTER (a peer process):
-#   [b"P", data...]             -> [b"k"]            push; data dropped
-#   [b"G" <u64 nbytes> <u64 frame>] -> [b"d", data...]  pull: nbytes in frames of `frame`
-#   [b"Q"]                      -> [b"q"]            quit
+#   [b"P", data...]                     -> [b"k"]            push; data dropped
+#   [b"G" <u64 nbytes> <u64 frame>]     -> [b"d", data...]   pull nbytes in frames of `frame`
 
 def peer_router(cfg: dict) -> None:
     import numpy as np
@@ -269,19 +409,15 @@ def peer_router(cfg: dict) -> None:
         while sock.poll(idle_ms):
             frames = sock.recv_multipart(copy=False)
             ident, head = frames[0], frames[1].bytes
-            op = head[:1]
-            if op == b"P":
+            if head[:1] == b"P":
                 sock.send_multipart([ident, b"k"])
-            elif op == b"G":
+            elif head[:1] == b"G":
                 nbytes, frame = struct.unpack("<QQ", head[1:17])
                 if buf.nbytes < nbytes:
                     buf = np.ones(nbytes, dtype=np.uint8)
                 mv = memoryview(buf)[:nbytes]
                 sock.send_multipart([ident, b"d", *(mv[a:a + frame] for a in range(0, nbytes, frame))],
                                     copy=False)
-            elif op == b"Q":
-                sock.send_multipart([ident, b"q"])
-                break
     finally:
         sock.close(0)
         ctx.term()
@@ -298,16 +434,12 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
     """
     import zmq
     mv = memoryview(data).cast("B") if data is not None else None
-    plans = []
     n = len(socks)
     bounds = [nbytes * k // n // 64 * 64 for k in range(n)] + [nbytes]
+    plans = []
     for k in range(n):
         lo, hi = bounds[k], bounds[k + 1]
-        if multipart:
-            msgs = [(lo, hi)]
-        else:
-            msgs = [(a, min(hi, a + chunk)) for a in range(lo, hi, chunk)]
-        plans.append(msgs)
+        plans.append([(lo, hi)] if multipart else [(a, min(hi, a + chunk)) for a in range(lo, hi, chunk)])
 
     def send(s, a, b):
         if op == "push":
@@ -318,13 +450,14 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
     copy_rx = chunk < (1 << 16)
     if n == 1:
         s, msgs = socks[0], plans[0]
-        s.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
         sent = 0
         for a, b in msgs[:depth]:
             send(s, a, b)
             sent += 1
         for _ in range(len(msgs)):
-            s.recv_multipart(copy=copy_rx)  # raises zmq.Again after the timeout
+            if not s.poll(int(timeout * 1000)):
+                raise TimeoutError(f"bare {op}: no answer within {timeout:.0f}s")
+            s.recv_multipart(copy=copy_rx)
             if sent < len(msgs):
                 send(s, *msgs[sent])
                 sent += 1
@@ -335,7 +468,7 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
         poller.register(s, zmq.POLLIN)
         for a, b in msgs[:depth]:
             send(s, a, b)
-        state[s] = [min(depth, len(msgs)), len(msgs)]  # sent, outstanding answers
+        state[s] = [min(depth, len(msgs)), len(msgs), msgs]  # sent, unanswered, messages
     left = sum(len(m) for m in plans)
     deadline = time.monotonic() + timeout
     while left:
@@ -343,7 +476,6 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
         if not events:
             raise TimeoutError(f"bare {op}: no answer within {timeout:.0f}s")
         for s, _ in events:
-            msgs = plans[socks.index(s)]
             st = state[s]
             while st[1]:
                 try:
@@ -352,35 +484,37 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
                     break
                 st[1] -= 1
                 left -= 1
-                if st[0] < len(msgs):
-                    send(s, *msgs[st[0]])
+                if st[0] < len(st[2]):
+                    send(s, *st[2][st[0]])
                     st[0] += 1
 
 
 class BareClient:
     """DEALER sockets to bare ROUTER peers."""
 
-    def __init__(self, endpoints: Sequence[str]):
+    def __init__(self, ctx, endpoints: Sequence[str]):
         import zmq
-        self.ctx = zmq.Context()
         self.socks = []
         for ep in endpoints:
-            s = self.ctx.socket(zmq.DEALER)
+            s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 1000)
             s.setsockopt(zmq.RCVHWM, 1000)
             s.connect(ep)
             self.socks.append(s)
 
+    def cand(self, op: str, nbytes: int, chunk: int, depth: int, multipart: bool, data,
+             work: float, unit: str) -> Cand:
+        return local(lambda: bare_transfer(self.socks, op, nbytes, chunk, depth, multipart, data), work, unit)
+
     def close(self) -> None:
         for s in self.socks:
             s.close(0)
-        self.ctx.term()
 
 
-# =================================================================== zps helpers
+# =================================================================== zps client
 class ZpsClient:
-    """A PSClient registered with a job whose plan is one tensor of ``n`` elements."""
+    """A PSClient registered with a job whose plan is one tensor of ``n`` elements (or ``specs``)."""
 
     def __init__(self, endpoints: Sequence[str], n: int, worker_id: int = 0,
                  specs: list | None = None, init=None):
@@ -394,8 +528,7 @@ class ZpsClient:
         self.client = PSClient(list(endpoints), worker_id, settings=settings).start()
         try:
             self.client.hello(self.plan, OP_TIMEOUT)
-            flat = init if init is not None else np.zeros(n, dtype=np.float32)
-            self.client.init(flat, OP_TIMEOUT)
+            self.client.init(init if init is not None else np.zeros(n, dtype=np.float32), OP_TIMEOUT)
         except BaseException:
             self.client.close()
             raise
@@ -403,18 +536,18 @@ class ZpsClient:
         self.dst = None
         self._clock = itertools.count(0)
 
-    def push_future(self):
+    def push_futures(self) -> list:
         return self.client.push(self.grad, next(self._clock)).futures
 
-    def pull_future(self):
+    def pull_futures(self) -> list:
         return self.client.pull(0, OP_TIMEOUT).futures
 
     def push(self) -> None:
-        for f in self.push_future():
+        for f in self.push_futures():
             f.result(OP_TIMEOUT)
 
     def pull(self) -> list:
-        return [f.result(OP_TIMEOUT) for f in self.pull_future()]
+        return [f.result(OP_TIMEOUT) for f in self.pull_futures()]
 
     def pull_install(self) -> None:
         """A pull whose reply is copied into a flat buffer (what a worker does)."""
@@ -423,8 +556,7 @@ class ZpsClient:
         if self.dst is None:
             self.dst = np.empty(self.n, dtype=np.float32)
         for k, msg in enumerate(self.pull()):
-            lo, _ = self.plan.range_of(k)
-            pos = lo
+            pos = self.plan.range_of(k)[0]
             for chunk in proto.payload(msg):
                 self.dst[pos:pos + chunk.size] = chunk
                 pos += chunk.size
@@ -437,174 +569,26 @@ class ZpsClient:
         self.client.close()
 
 
-def pipelined(issue: Callable[[], list], count: int, depth: int) -> None:
+def pipelined(issue: Callable[[], list], count: int, depth: int, wait: Callable[[Any], Any]) -> None:
     """``count`` requests, at most ``depth`` unanswered at a time."""
     q: collections.deque = collections.deque()
     for _ in range(count):
         if len(q) >= depth:
             for f in q.popleft():
-                f.result(OP_TIMEOUT)
+                wait(f)
         q.append(issue())
     while q:
         for f in q.popleft():
-            f.result(OP_TIMEOUT)
+            wait(f)
 
 
-# =================================================================== 1. bulk
-BARE_VARIANTS = [  # (name, frame bytes, depth, multipart)
-    ("1MiB-msgs-d1", MI, 1, False), ("1MiB-msgs-d4", MI, 4, False),
-    ("4MiB-msgs-d1", 4 * MI, 1, False), ("4MiB-msgs-d4", 4 * MI, 4, False),
-    ("1MiB-frames-1msg", MI, 1, True), ("4MiB-frames-1msg", 4 * MI, 1, True),
-]
+def _result(f):
+    return f.result(OP_TIMEOUT)
 
 
-def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, routers: list[str]) -> None:
-    import numpy as np
-    o = b.opts
-    out = res.setdefault("bulk", {"sizes": list(sizes), "zps": {}, "bare": {},
-                                  "notes": "zps push = PSClient.push of the whole model, waited for its "
-                                           "acknowledgement, which follows the server's plain SGD update "
-                                           "(staleness inf); pull = PSClient.pull answered from the "
-                                           "server's snapshot (weights unchanged), reply frames in hand; "
-                                           "pull_install also copies them into a flat buffer; exchange = "
-                                           "push then pull (the pull then needs a fresh snapshot). bare = "
-                                           "best of the variants, ROUTER(s) in other processes."})
-    server_counts = (1, 2)
-    for n in sizes:
-        nbytes = n * 4
-        key = size_name(n)
-        # ---- zps: fresh servers per size (a server adopts one plan)
-        servers = {s: [b.server(k, s, 1, "inf", name=f"bulk-s{s}r{k}") for k in range(s)]
-                   for s in server_counts}
-        try:
-            eps = {s: b.ready(*ps) for s, ps in servers.items()}
-            init = np.zeros(n, dtype=np.float32)
-            for s in server_counts:
-                zc = ZpsClient(eps[s], n, init=init)
-                try:
-                    fig = {}
-                    for name, fn in (("push", zc.push), ("pull", zc.pull), ("pull_install", zc.pull_install),
-                                     ("exchange", zc.exchange)):
-                        secs = timed_reps(fn, o.reps, o.warmup, o.min_rep_s)
-                        work = 2 * nbytes if name == "exchange" else nbytes
-                        fig[name] = summarize(rates(secs, work / 1e9), "GB/s")
-                        b.progress(f"bulk {key}: zps {name:12s} {s} server(s): "
-                                   f"{fig[name]['median']:.2f} GB/s")
-                    out["zps"].setdefault(f"s{s}", {})[key] = fig
-                finally:
-                    zc.close()
-        finally:
-            b.end(*itertools.chain.from_iterable(servers.values()))
-        # ---- bare pyzmq
-        data = np.ones(nbytes, dtype=np.uint8)
-        for r in server_counts:
-            bc = BareClient(routers[:r])
-            try:
-                fig = {}
-                for op in ("push", "pull"):
-                    variants = {}
-                    for vname, chunk, depth, multi in BARE_VARIANTS:
-                        if chunk > nbytes and vname.startswith("4MiB") and nbytes <= MI:
-                            continue
-                        secs = timed_reps(lambda: bare_transfer(bc.socks, op, nbytes, chunk, depth, multi, data),
-                                          o.reps, o.warmup, o.min_rep_s)
-                        variants[vname] = summarize(rates(secs, nbytes / 1e9), "GB/s")
-                    best = max(variants, key=lambda v: variants[v]["median"])
-                    fig[op] = dict(variants[best], variant=best,
-                                   variants={v: round(f["median"], 3) for v, f in variants.items()})
-                    b.progress(f"bulk {key}: bare {op:4s} {r} router(s): {fig[op]['median']:.2f} GB/s "
-                               f"(best: {best})")
-                out["bare"].setdefault(f"r{r}", {})[key] = fig
-            finally:
-                bc.close()
-
-
-# =================================================================== 2. small ops
-def bench_small(b: Bench, res: dict, routers: list[str]) -> None:
-    import numpy as np
-    o = b.opts
-    out = res.setdefault("small", {"elements": KIB4, "bytes": KIB4 * 4, "zps": {}, "bare": {},
-                                   "unit": "round trips/s"})
-    srv = b.server(0, 1, 1, "inf", name="small-server")
-    try:
-        ep = b.ready(srv)
-        zc = ZpsClient(ep, KIB4)
-        try:
-            for op, issue in (("push", zc.push_future), ("pull", zc.pull_future)):
-                for depth in (1, 8):
-                    count = 200
-                    secs = timed_reps(lambda: pipelined(issue, count, depth), o.reps, o.warmup, o.min_rep_s)
-                    fig = summarize(rates(secs, count), "ops/s")
-                    out["zps"][f"{op}_d{depth}"] = fig
-                    b.progress(f"small: zps  {op} depth {depth}: {fig['median']:,.0f} ops/s")
-        finally:
-            zc.close()
-    finally:
-        b.end(srv)
-    count = 200
-    data = np.ones(KIB4 * 4 * count, dtype=np.uint8)
-    bc = BareClient(routers[:1])
-    try:
-        for op in ("push", "pull"):
-            for depth in (1, 8):
-                secs = timed_reps(lambda: bare_transfer(bc.socks, op, KIB4 * 4 * count, KIB4 * 4, depth,
-                                                        False, data),
-                                  o.reps, o.warmup, o.min_rep_s)
-                fig = summarize(rates(secs, count), "ops/s")
-                out["bare"][f"{op}_d{depth}"] = fig
-                b.progress(f"small: bare {op} depth {depth}: {fig['median']:,.0f} ops/s")
-    finally:
-        bc.close()
-
-
-# =================================================================== 3. update
-def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
-    import torch
-    from common.plan import DEFAULT_FRAME_ELEMS, frame_slices
-    from ps.optim import OptimizerSpec, ShardOptimizer
-    o = b.opts
-    usizes = [n for n in sizes if n <= 16 * MI] or [min(sizes)]
-    out = res.setdefault("update", {"sizes": usizes, "torch_threads": torch.get_num_threads(),
-                                    "traffic_bytes_per_element": dict(TRAFFIC, sgd_plain=12),
-                                    "chunk_elems": DEFAULT_FRAME_ELEMS, "figures": {}})
-    for n in usizes:
-        key = size_name(n)
-        fig = {}
-        src = torch.full((n,), 1e-3)
-        dst = torch.empty(n)
-        shard = torch.zeros(n)
-        chunks = [src[a:b] for a, b in frame_slices(n, DEFAULT_FRAME_ELEMS)]
-        cases = {
-            "copy": lambda: dst.copy_(src),
-            "sgd_momentum": ShardOptimizer(shard, OptimizerSpec("sgd", LR, momentum=0.9), DEFAULT_FRAME_ELEMS),
-            "adam": ShardOptimizer(shard, OptimizerSpec("adam", 1e-3), DEFAULT_FRAME_ELEMS),
-        }
-        # the same fused torch Adam on one flat parameter (no chunks): the ceiling ShardOptimizer can reach
-        flat_p = torch.zeros(n, requires_grad=True)
-        flat_p.grad = src
-        raw = torch.optim.Adam([flat_p], lr=1e-3, fused=True)
-        for name in ("copy", "sgd_momentum", "adam", "adam_torch_flat"):
-            if name == "adam_torch_flat":
-                fn = raw.step
-            elif name == "copy":
-                fn = cases["copy"]
-            else:
-                opt = cases[name]
-                fn = (lambda opt=opt: opt.step(chunks))
-            secs = timed_reps(fn, o.reps, o.warmup, o.min_rep_s)
-            eps = summarize(rates(secs, n), "elements/s")
-            tb = TRAFFIC["adam" if name.startswith("adam") else name]
-            eps["traffic_GBps"] = eps["median"] * tb / 1e9
-            fig[name] = eps
-            b.progress(f"update {key}: {name:16s} {eps['median'] / 1e9:.2f} G elements/s "
-                       f"({eps['traffic_GBps']:.1f} GB/s of traffic)")
-        del raw, flat_p
-        out["figures"][key] = fig
-
-
-# =================================================================== 4. peers
+# =================================================================== rpc and gloo peers
 class RpcParameterServer:
-    """The server-owned object of PyTorch's RPC parameter-server tutorial, reduced to one flat tensor."""
+    """The server-owned object of PyTorch's RPC parameter-server tutorial, on one flat tensor."""
 
     def __init__(self, n: int, lr: float):
         import torch
@@ -639,119 +623,253 @@ def peer_rpc_server(cfg: dict) -> None:
     from torch.distributed import rpc
     _emit("READY", {"role": "rpc-server"})
     rpc.init_rpc("ps", rank=0, world_size=2, rpc_backend_options=_rpc_options(cfg["port"]))
-    rpc.shutdown(graceful=True, timeout=OP_TIMEOUT)
+    rpc.shutdown(graceful=True, timeout=3600)  # returns once the trainer shuts down too
 
 
 def peer_rpc_client(cfg: dict) -> None:
     import torch
     from torch.distributed import rpc
-    _emit("READY", {"role": "rpc-client"})
     rpc.init_rpc("trainer", rank=1, world_size=2, rpc_backend_options=_rpc_options(cfg["port"]))
-    reps, warmup, min_rep_s = cfg["reps"], cfg["warmup"], cfg["min_rep_s"]
-    result: dict = {"bulk": {}, "small": {}}
-    for n in cfg["sizes"]:
-        rref = rpc.remote("ps", RpcParameterServer, args=(n, LR))
-        grad = torch.full((n,), 1e-7)
-        fig = {}
-        for name, fn in (("push", lambda: rpc.rpc_sync("ps", _rpc_apply, args=(rref, grad))),
-                         ("pull", lambda: rpc.rpc_sync("ps", _rpc_get, args=(rref,)))):
-            fig[name] = summarize(rates(timed_reps(fn, reps, warmup, min_rep_s), n * 4 / 1e9), "GB/s")
-        result["bulk"][size_name(n)] = fig
-        del rref
-    rref = rpc.remote("ps", RpcParameterServer, args=(KIB4, LR))
-    grad = torch.full((KIB4,), 1e-7)
-    count = 200
-    for op, call in (("push", lambda: rpc.rpc_async("ps", _rpc_apply, args=(rref, grad))),
-                     ("pull", lambda: rpc.rpc_async("ps", _rpc_get, args=(rref,)))):
-        for depth in (1, 8):
-            def run():
-                q: collections.deque = collections.deque()
-                for _ in range(count):
-                    if len(q) >= depth:
-                        q.popleft().wait()
-                    q.append(call())
-                while q:
-                    q.popleft().wait()
-            result["small"][f"{op}_d{depth}"] = summarize(
-                rates(timed_reps(run, reps, warmup, min_rep_s), count), "ops/s")
-        sync = (lambda: rpc.rpc_sync("ps", _rpc_apply, args=(rref, grad))) if op == "push" else \
-            (lambda: rpc.rpc_sync("ps", _rpc_get, args=(rref,)))
-        result["small"][f"{op}_sync"] = summarize(
-            rates(timed_reps(sync, reps, warmup, min_rep_s), 1), "ops/s")
-    del rref
-    _emit("RESULT", result)
-    rpc.shutdown(graceful=True, timeout=OP_TIMEOUT)
+    objs: dict[int, tuple] = {}
+
+    def obj(n: int):
+        if n not in objs:
+            if n > KIB4:
+                for k in [k for k in objs if k > KIB4]:
+                    del objs[k]  # one large object at a time
+            objs[n] = (rpc.remote("ps", RpcParameterServer, args=(n, LR)), torch.full((n,), 1e-7))
+        return objs[n]
+
+    def run(what: str, inner: int, n: int, depth: int = 1, count: int = 1) -> dict:
+        rref, grad = obj(n)
+        if what == "push":
+            return _timed(lambda: rpc.rpc_sync("ps", _rpc_apply, args=(rref, grad)), inner)
+        if what == "pull":
+            return _timed(lambda: rpc.rpc_sync("ps", _rpc_get, args=(rref,)), inner)
+        call = {"push_async": lambda: [rpc.rpc_async("ps", _rpc_apply, args=(rref, grad))],
+                "pull_async": lambda: [rpc.rpc_async("ps", _rpc_get, args=(rref,))]}[what]
+        return _timed(lambda: pipelined(call, count, depth, lambda f: f.wait()), inner)
+
+    def on_quit():
+        objs.clear()
+        rpc.shutdown(graceful=True, timeout=OP_TIMEOUT)
+
+    serve_commands({"run": run}, {"role": "rpc-client"}, on_quit)
 
 
 def peer_gloo(cfg: dict) -> None:
     import torch
     import torch.distributed as dist
     rank = cfg["rank"]
-    _emit("READY", {"role": "gloo", "rank": rank})
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=OP_TIMEOUT))
-    reps, warmup, min_rep_s = cfg["reps"], cfg["warmup"], cfg["min_rep_s"]
-    result: dict = {"all_reduce": {}}
+    tensors: dict[int, Any] = {}
 
-    def measure(t, work):
-        # rank 0 calibrates the calls per repetition; both ranks then make the same calls
-        t0 = time.perf_counter()
-        for _ in range(max(1, warmup)):
-            dist.all_reduce(t)
-        one = (time.perf_counter() - t0) / max(1, warmup)
-        inner = torch.tensor([max(1, math.ceil(min_rep_s / max(one, 1e-9)))])
-        dist.broadcast(inner, 0)
-        out = []
-        for _ in range(reps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(int(inner)):
-                dist.all_reduce(t)
-            out.append((time.perf_counter() - t0) / int(inner))
-        return out
+    def run(what: str, inner: int, n: int) -> dict:
+        if n not in tensors:
+            tensors.clear()
+            tensors[n] = torch.full((n,), 1e-7)
+        t = tensors[n]
+        dist.barrier()
+        return _timed(lambda: dist.all_reduce(t), inner)
 
-    for n in cfg["sizes"]:
-        t = torch.full((n,), 1e-7)
-        result["all_reduce"][size_name(n)] = summarize(rates(measure(t, n), n * 4 / 1e9), "GB/s")
-    result["all_reduce_small"] = summarize(rates(measure(torch.ones(KIB4), 1), 1), "ops/s")
-    if rank == 0:
-        _emit("RESULT", result)
-    dist.barrier()
-    dist.destroy_process_group()
+    serve_commands({"run": run}, {"role": "gloo", "rank": rank}, dist.destroy_process_group)
 
 
-def bench_peers(b: Bench, sizes: Sequence[int], res: dict) -> None:
+def peers_start(b: Bench) -> dict:
+    """Start the bare ROUTERs, the rpc pair and the gloo pair; return their handles."""
+    rp = {"routers": [b.peer("router", {}, f"bare-router{i}") for i in range(2)]}
+    port = free_port()
+    rp["rpc_server"] = b.peer("rpc_server", {"port": port}, "rpc-server")
+    rp["rpc_client"] = b.peer("rpc_client", {"port": port}, "rpc-client")
+    port = free_port()
+    rp["gloo"] = [b.peer("gloo", {"port": port, "rank": r}, f"gloo{r}") for r in (0, 1)]
+    rp["router_eps"] = b.ready(*rp["routers"])
+    rp["rpc"] = b.control(rp["rpc_client"])
+    rp["gloo_ctl"] = [b.control(p) for p in rp["gloo"]]
+    b.ready(rp["rpc_server"])
+    return rp
+
+
+def peers_stop(b: Bench, rp: dict) -> None:
+    b.quit_peers([rp["rpc"], *rp["gloo_ctl"]], [rp["rpc_client"], rp["rpc_server"], *rp["gloo"]])
+    b.end(*rp["routers"])
+
+
+# =================================================================== 1. bulk
+BARE_VARIANTS = [  # (name, frame bytes, depth, multipart)
+    ("1MiB-msgs-d1", MI, 1, False), ("1MiB-msgs-d4", MI, 4, False),
+    ("4MiB-msgs-d1", 4 * MI, 1, False), ("4MiB-msgs-d4", 4 * MI, 4, False),
+    ("1MiB-frames-1msg", MI, 1, True), ("4MiB-frames-1msg", 4 * MI, 1, True),
+]
+
+
+def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
+    import numpy as np
     o = b.opts
-    out = res.setdefault("peers", {"notes": "rpc: TensorPipe backend, a RpcParameterServer object owned "
-                                            "by another process (PyTorch parameter-server tutorial pattern); "
-                                            "push = rpc_sync(apply_gradient) (SGD), pull = rpc_sync(get_weights). "
-                                            "gloo: all_reduce between two processes."})
-    cfg = {"sizes": list(sizes), "reps": o.reps, "warmup": o.warmup, "min_rep_s": o.min_rep_s}
-    limit = 120 + 60 * len(sizes) * (2 if not o.quick else 1)
-    port = free_port()
-    srv = b.peer("rpc_server", dict(cfg, port=port), "rpc-server")
-    cli = b.peer("rpc_client", dict(cfg, port=port), "rpc-client")
+    out = res.setdefault("bulk", {
+        "sizes": list(sizes), "unit": "GB/s (1e9 bytes of payload per second)", "figures": {},
+        "bare_variants": {},
+        "notes": "zps push = PSClient.push of the whole model, waited for its acknowledgement, which the "
+                 "server sends after its plain SGD update (staleness inf); pull = PSClient.pull answered "
+                 "from the server's snapshot (weights unchanged), reply frames in hand; pull_install also "
+                 "copies them into a flat buffer (what PSWorker does); exchange = push then pull (the pull "
+                 "then needs a fresh snapshot) against one gloo all_reduce of the same tensor, in "
+                 "operations/s. bare = best of the chunking variants (trial run), ROUTER(s) in other "
+                 "processes. rpc = rpc_sync(apply_gradient) / rpc_sync(get_weights). zps_s1_t1 = what-if: "
+                 "the server's torch limited to one thread."})
+    bc = {r: BareClient(b.ctx, rp["router_eps"][:r]) for r in (1, 2)}
     try:
-        b.ready(srv, cli)
-        out["rpc"] = wait_result(cli, limit)
-        for key, fig in out["rpc"]["bulk"].items():
-            b.progress(f"peers {key}: rpc push {fig['push']['median']:.2f} GB/s, "
-                       f"pull {fig['pull']['median']:.2f} GB/s")
-        for key, fig in out["rpc"]["small"].items():
-            b.progress(f"peers small: rpc {key} {fig['median']:,.0f} ops/s")
-        cli.wait(30)
+        for n in sizes:
+            nbytes, key = n * 4, size_name(n)
+            gb = nbytes / 1e9
+            data = np.ones(nbytes, dtype=np.uint8)
+            # -- bare: pick the best chunking per op and router count (interleaved trial)
+            best, variants = {}, {}
+            for op in ("push", "pull"):
+                trial = {}
+                for r in (1, 2):
+                    for vname, chunk, depth, multi in BARE_VARIANTS:
+                        if chunk >= nbytes and vname.startswith("4MiB"):
+                            continue  # same as the 1 MiB variant's single message
+                        trial[f"r{r}/{vname}"] = bc[r].cand(op, nbytes, chunk, depth, multi, data, gb, "GB/s")
+                figs = interleaved(trial, max(2, o.reps // 3), 1, o.min_rep_s)
+                for r in (1, 2):
+                    mine = {k.split("/", 1)[1]: f["median"] for k, f in figs.items() if k.startswith(f"r{r}/")}
+                    v = max(mine, key=mine.get)
+                    variants.setdefault(op, {})[f"r{r}"] = {k: round(x, 3) for k, x in mine.items()}
+                    best[(op, r)] = v
+            out["bare_variants"][key] = variants
+            b.progress(f"bulk {key}: best bare variants " +
+                       ", ".join(f"{op} x{r}: {v}" for (op, r), v in best.items()))
+
+            def bare(op, r):
+                v = next(x for x in BARE_VARIANTS if x[0] == best[(op, r)])
+                return bc[r].cand(op, nbytes, v[1], v[2], v[3], data, gb, "GB/s")
+
+            # -- zps: fresh servers per size (a server adopts one plan)
+            jobs = {"s1": b.server(1, "inf", name=f"bulk{key}-s1"), "s2": b.server(2, "inf", name=f"bulk{key}-s2")}
+            if o.what_if:
+                jobs["s1_t1"] = b.server(1, "inf", name=f"bulk{key}-s1t1", one_thread=True)
+            clients: dict[str, ZpsClient] = {}
+            try:
+                init = np.zeros(n, dtype=np.float32)
+                for j, ps in jobs.items():
+                    clients[j] = ZpsClient(b.ready(*ps), n, init=init)
+                rpc = rp["rpc"]
+                figs: dict[str, dict] = {}
+                push = {f"zps_{j}": local(c.push, gb, "GB/s") for j, c in clients.items()}
+                push.update(bare_r1=bare("push", 1), bare_r2=bare("push", 2),
+                            rpc=remote([rpc], {"what": "push", "n": n}, gb, "GB/s"))
+                figs["push"] = interleaved(push, o.reps, o.warmup, o.min_rep_s, b.progress, f"bulk {key} push")
+                pull = {f"zps_{j}": local(c.pull, gb, "GB/s") for j, c in clients.items()}
+                pull["zps_s1_install"] = local(clients["s1"].pull_install, gb, "GB/s")
+                pull.update(bare_r1=bare("pull", 1), bare_r2=bare("pull", 2),
+                            rpc=remote([rpc], {"what": "pull", "n": n}, gb, "GB/s"))
+                figs["pull"] = interleaved(pull, o.reps, o.warmup, o.min_rep_s, b.progress, f"bulk {key} pull")
+                ex = {f"zps_{j}": local(c.exchange, 1, "ops/s") for j, c in clients.items()}
+                ex["gloo_all_reduce"] = remote(rp["gloo_ctl"], {"what": "all_reduce", "n": n}, 1, "ops/s")
+                figs["exchange"] = interleaved(ex, o.reps, o.warmup, o.min_rep_s, b.progress,
+                                               f"bulk {key} push+pull vs all_reduce")
+                out["figures"][key] = figs
+            finally:
+                for c in clients.values():
+                    c.close()
+                b.end(*itertools.chain.from_iterable(jobs.values()))
+            del data
     finally:
-        b.end(cli, srv)
-    port = free_port()
-    ranks = [b.peer("gloo", dict(cfg, port=port, rank=r), f"gloo{r}") for r in (0, 1)]
+        for c in bc.values():
+            c.close()
+
+
+# =================================================================== 2. small ops
+def bench_small(b: Bench, res: dict, rp: dict) -> None:
+    import numpy as np
+    o = b.opts
+    count = SMALL_BATCH
+    out = res.setdefault("small", {
+        "elements": KIB4, "bytes": KIB4 * 4, "unit": "round trips/s", "figures": {},
+        "notes": f"each timed call makes {count} requests with at most `depth` unanswered; zps = PSClient "
+                 "push (plain SGD at staleness inf) / pull futures; bare = pyzmq DEALER to a ROUTER process "
+                 "(4 KiB request / 1-byte ack, 1-byte request / 4 KiB reply); rpc = rpc_async of the "
+                 "tutorial object's methods, waited in order; exchange_d1 = zps push then pull against "
+                 "one gloo all_reduce of 4 KiB"})
+    jobs = {"s1": b.server(1, "inf", name="small-s1")}
+    if o.what_if:
+        jobs["s1_t1"] = b.server(1, "inf", name="small-s1t1", one_thread=True)
+    clients: dict[str, ZpsClient] = {}
+    bc = BareClient(b.ctx, rp["router_eps"][:1])
     try:
-        b.ready(*ranks)
-        out["gloo"] = wait_result(ranks[0], limit)
-        for key, fig in out["gloo"]["all_reduce"].items():
-            b.progress(f"peers {key}: gloo all_reduce {fig['median']:.2f} GB/s")
-        ranks[0].wait(30)
+        for j, ps in jobs.items():
+            clients[j] = ZpsClient(b.ready(*ps), KIB4)
+        data = np.ones(KIB4 * 4 * count, dtype=np.uint8)
+        for op in ("push", "pull"):
+            for depth in (1, 8):
+                cands = {}
+                for j, c in clients.items():
+                    issue = c.push_futures if op == "push" else c.pull_futures
+                    cands[f"zps_{j}"] = local(lambda issue=issue: pipelined(issue, count, depth, _result),
+                                              count, "ops/s")
+                cands["bare"] = bc.cand(op, KIB4 * 4 * count, KIB4 * 4, depth, False, data, count, "ops/s")
+                cands["rpc"] = remote([rp["rpc"]], {"what": f"{op}_async", "n": KIB4, "depth": depth,
+                                                    "count": count}, count, "ops/s")
+                out["figures"][f"{op}_d{depth}"] = interleaved(cands, o.reps, o.warmup, o.min_rep_s,
+                                                               b.progress, f"small {op} depth {depth}")
+        ex = {f"zps_{j}": local(c.exchange, 1, "ops/s") for j, c in clients.items()}
+        ex["gloo_all_reduce"] = remote(rp["gloo_ctl"], {"what": "all_reduce", "n": KIB4}, 1, "ops/s")
+        out["figures"]["exchange_d1"] = interleaved(ex, o.reps, o.warmup, o.min_rep_s, b.progress,
+                                                    "small push+pull vs all_reduce")
     finally:
-        b.end(*ranks)
+        bc.close()
+        for c in clients.values():
+            c.close()
+        b.end(*itertools.chain.from_iterable(jobs.values()))
+
+
+# =================================================================== 3. update
+def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
+    import torch
+    from common.plan import DEFAULT_FRAME_ELEMS, frame_slices
+    from ps.optim import OptimizerSpec, ShardOptimizer
+    o = b.opts
+    usizes = [n for n in sizes if n <= 16 * MI] or [min(sizes)]
+    default_threads = torch.get_num_threads()
+    out = res.setdefault("update", {
+        "sizes": usizes, "default_threads": default_threads, "unit": "elements/s",
+        "traffic_bytes_per_element": dict(TRAFFIC, sgd_plain=12), "chunk_elems": DEFAULT_FRAME_ELEMS,
+        "figures": {},
+        "notes": "in this process; threads = torch intra-op threads (a ps-server runs torch's default, "
+                 f"{default_threads} here). copy = dst.copy_(src) of 1-D fp32; sgd_momentum / adam = "
+                 "ShardOptimizer.step over the shard cut in wire chunks; adam_torch_flat = fused "
+                 "torch.optim.Adam on one flat parameter. Traffic counts reads + writes: copy 8 B, "
+                 "SGD-momentum 20 B (read w, g, buf; write w, buf), Adam 28 B (read w, g, m, v; write w, m, v)."})
+    thread_counts = [default_threads] + ([1] if default_threads != 1 else [])
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for n in usizes:
+                key = size_name(n)
+                src = torch.full((n,), 1e-3)
+                dst = torch.empty(n)
+                chunks = [src[a:b] for a, b in frame_slices(n, DEFAULT_FRAME_ELEMS)]
+                sgd = ShardOptimizer(torch.zeros(n), OptimizerSpec("sgd", LR, momentum=0.9), DEFAULT_FRAME_ELEMS)
+                adam = ShardOptimizer(torch.zeros(n), OptimizerSpec("adam", 1e-3), DEFAULT_FRAME_ELEMS)
+                flat_p = torch.zeros(n, requires_grad=True)
+                flat_p.grad = src
+                raw = torch.optim.Adam([flat_p], lr=1e-3, fused=True)
+                cands = {"copy": local(lambda: dst.copy_(src), n, "elements/s"),
+                         "sgd_momentum": local(lambda: sgd.step(chunks), n, "elements/s"),
+                         "adam": local(lambda: adam.step(chunks), n, "elements/s"),
+                         "adam_torch_flat": local(raw.step, n, "elements/s")}
+                figs = interleaved(cands, o.reps, o.warmup, o.min_rep_s)
+                for name, f in figs.items():
+                    f["traffic_GBps"] = f["median"] * TRAFFIC[name] / 1e9
+                b.progress(f"update {key}, {threads} thread(s): " + ", ".join(
+                    f"{name} {f['median'] / 1e9:.2f} G el/s = {f['traffic_GBps']:.1f} GB/s" for name, f in figs.items()))
+                out["figures"].setdefault(f"threads{threads}", {})[key] = figs
+                del raw, flat_p, sgd, adam
+    finally:
+        torch.set_num_threads(default_threads)
 
 
 # =================================================================== 5. memory
@@ -779,28 +897,25 @@ def peer_worker_memory(cfg: dict) -> None:
     finally:
         w.close(OP_TIMEOUT)
     st = proc_status()
-    _emit("RESULT", {"baseline_rss": base["VmRSS"], "hwm": st["VmHWM"], "rss": st["VmRSS"],
-                     "params": d * d})
+    _emit("RESULT", {"baseline_rss": base["VmRSS"], "hwm": st["VmHWM"], "rss": st["VmRSS"], "params": d * d})
 
 
 def bench_memory(b: Bench, sizes: Sequence[int], res: dict) -> None:
     import numpy as np
-    n_target = min(16 * MI, max(sizes))
-    d = math.isqrt(n_target)
+    d = math.isqrt(min(16 * MI, max(sizes)))
     n = d * d
     out = res.setdefault("memory", {"elements": n, "notes": (
-        "server: peak RSS (VmHWM) minus the RSS read right after READY (torch imported, no shard "
-        "yet), after 8 serial push+pull rounds under Adam; floor 16 B/element (weights, exp_avg, "
-        "exp_avg_sq, one gradient). worker: PSWorker in a subprocess training a d x d Linear; "
-        "VmHWM minus its RSS after imports; floor 12 B/parameter (the model's own parameters as "
-        "built, then the flat weight and flat gradient buffers)")})
-    srv = b.server(0, 1, 2, "inf", optimizer="adam", name="memory-server")
+        "server: peak RSS (VmHWM) minus the RSS read right after its READY line (torch imported, no shard "
+        "yet), after 8 serial push+pull rounds under Adam from one PSClient; floor 16 B/element (weights, "
+        "exp_avg, exp_avg_sq, one gradient). worker: PSWorker in a subprocess training a d x d Linear "
+        "for 6 iterations; VmHWM minus its RSS after imports; floor 12 B/parameter (the model's own "
+        "parameters as built, the flat weights, the flat gradients). Each is one measurement.")})
+    srv = b.server(1, "inf", optimizer="adam", num_workers=2, name="memory-adam")[0]
     try:
         ep = b.ready(srv)
         base = proc_status(srv.pid)["VmRSS"]
         rng = np.random.default_rng(0)
-        zc = ZpsClient(ep, n, specs=[("weight", (d, d), "float32")],
-                       init=rng.standard_normal(n, dtype=np.float32))
+        zc = ZpsClient(ep, n, specs=[("weight", (d, d), "float32")], init=rng.standard_normal(n, dtype=np.float32))
         try:
             for _ in range(8):
                 zc.push()
@@ -808,26 +923,25 @@ def bench_memory(b: Bench, sizes: Sequence[int], res: dict) -> None:
             st = proc_status(srv.pid)
         finally:
             zc.close()
-        floor = 16 * n
-        peak = st["VmHWM"] - base
-        out["server"] = {"baseline_rss": base, "hwm": st["VmHWM"], "rss": st["VmRSS"], "peak_over_baseline": peak,
-                         "floor": floor, "ratio": peak / floor}
-        b.progress(f"memory {size_name(n)}: server peak {peak / MI:.0f} MiB over baseline {base / MI:.0f} MiB, "
-                   f"floor {floor / MI:.0f} MiB -> {peak / floor:.2f}x")
+        floor, peak = 16 * n, st["VmHWM"] - base
+        out["server"] = {"baseline_rss": base, "hwm": st["VmHWM"], "rss": st["VmRSS"],
+                         "peak_over_baseline": peak, "floor": floor, "ratio": peak / floor}
+        b.progress(f"memory {size_name(n)}: server peak {peak / MI:.0f} MiB over a baseline of {base / MI:.0f} "
+                   f"MiB; floor {floor / MI:.0f} MiB -> {peak / floor:.2f}x")
         wk = b.peer("worker_memory", {"endpoints": ep, "d": d, "iters": 6, "worker": 1}, "worker-memory")
         try:
             r = wait_result(wk, 300)
             wk.wait(30)
         finally:
             b.end(wk)
-        wfloor = 12 * r["params"]
-        wpeak = r["hwm"] - r["baseline_rss"]
+        wfloor, wpeak = 12 * r["params"], r["hwm"] - r["baseline_rss"]
         out["worker"] = dict(r, peak_over_baseline=wpeak, floor=wfloor, ratio=wpeak / wfloor)
         st2 = proc_status(srv.pid)
         out["server_after_training_worker"] = {"hwm": st2["VmHWM"], "peak_over_baseline": st2["VmHWM"] - base,
                                                "ratio": (st2["VmHWM"] - base) / floor}
         b.progress(f"memory {size_name(n)}: worker peak {wpeak / MI:.0f} MiB, floor {wfloor / MI:.0f} MiB "
-                   f"-> {wpeak / wfloor:.2f}x; server after a training worker {(st2['VmHWM'] - base) / floor:.2f}x")
+                   f"-> {wpeak / wfloor:.2f}x; server after a training PSWorker "
+                   f"{(st2['VmHWM'] - base) / floor:.2f}x")
     finally:
         b.end(srv)
 
@@ -837,28 +951,23 @@ def build_model(kind: str):
     import torch
     from torch import nn
     torch.manual_seed(0)
-    if kind == "conv":  # compute-heavy: ~0.1M parameters
+    if kind == "conv":  # compute-heavy, ~66K parameters
         model = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Linear(1024, 10))
-        x = torch.randn(32, 3, 32, 32)
-        y = torch.randint(0, 10, (32,))
-        loss = nn.functional.cross_entropy
-    elif kind == "mlp":  # communication-heavy: ~6.3M parameters, batch of 4
+        x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    elif kind == "mlp":  # communication-heavy, ~6.3M parameters, batch of 4
         model = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
                               nn.Linear(2048, 10))
-        x = torch.randn(4, 1024)
-        y = torch.randint(0, 10, (4,))
-        loss = nn.functional.cross_entropy
+        x, y = torch.randn(4, 1024), torch.randint(0, 10, (4,))
     else:
         raise ValueError(f"unknown model {kind!r}")
-    return model, x, y, loss
+    return model, x, y, nn.functional.cross_entropy
 
 
 def peer_train(cfg: dict) -> None:
     import torch
-    _emit("READY", {"role": "trainer", "mode": cfg["mode"]})
     model, x, y, loss_fn = build_model(cfg["model"])
     worker = None
     if cfg["mode"] == "local":
@@ -866,10 +975,11 @@ def peer_train(cfg: dict) -> None:
 
         def step():
             opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
+            loss_fn(model(x), y).backward()
             opt.step()
-            return loss
+
+        def finish():
+            pass
     else:
         from common.config import ClientSettings
         from worker.session import PSWorker
@@ -879,58 +989,71 @@ def peer_train(cfg: dict) -> None:
         def step():
             worker.read(OP_TIMEOUT)
             worker.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
+            loss_fn(model(x), y).backward()
             worker.push()
-            return loss
-    try:
-        secs = timed_reps(step, cfg["reps"], cfg["warmup"], cfg["min_rep_s"])
-        first = float(step())
-        result = {"it_per_s": summarize([1 / s for s in secs], "it/s"),
-                  "params": sum(p.numel() for p in model.parameters()), "loss": first}
-        if worker is not None:
+
+        def finish():  # pushes of this repetition are acknowledged inside its time
             worker.flush(OP_TIMEOUT)
+
+    def run(inner: int) -> dict:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            step()
+        finish()
+        return {"seconds": (time.perf_counter() - t0) / inner}
+
+    def info() -> dict:
+        with torch.no_grad():
+            d = {"params": sum(p.numel() for p in model.parameters()), "loss": float(loss_fn(model(x), y))}
+        if worker is not None:
             recs = worker.records
-            result["reads"] = len(recs)
-            result["pulled_fraction"] = sum(r.pulled for r in recs) / max(1, len(recs))
-            result["mean_read_wait_ms"] = 1000 * sum(r.wait_seconds for r in recs) / max(1, len(recs))
-            result["mean_staleness"] = sum(r.staleness for r in recs) / max(1, len(recs))
-    finally:
+            k = max(1, len(recs))
+            d.update(reads=len(recs), pulled_fraction=sum(r.pulled for r in recs) / k,
+                     mean_read_wait_ms=1000 * sum(r.wait_seconds for r in recs) / k,
+                     mean_staleness=sum(r.staleness for r in recs) / k)
+        return d
+
+    def on_quit():
         if worker is not None:
             worker.close(OP_TIMEOUT)
-    _emit("RESULT", result)
+
+    serve_commands({"run": run, "info": info}, {"role": "trainer", "mode": cfg["mode"]}, on_quit)
 
 
 def bench_train(b: Bench, res: dict) -> None:
     o = b.opts
-    out = res.setdefault("train", {"notes": "iterations/s; local = one process, torch.optim.SGD; zps = "
-                                            "1 ps-server (SGD) + 1 PSWorker process, eager refresh"})
-    cfg = {"reps": o.reps, "warmup": max(3, o.warmup), "min_rep_s": o.train_rep_s}
+    out = res.setdefault("train", {
+        "unit": "iterations/s", "notes": "local = one process, torch.optim.SGD (lr 0.01); zps = 1 ps-server "
+        "(SGD, lr 0.01) + 1 PSWorker process (read, zero_grad, backward, push; eager refresh); every "
+        "repetition ends with PSWorker.flush inside its time. Trainers run one at a time, interleaved. "
+        "zps_s1_t1 = what-if: the server's torch limited to one thread."})
     for kind in ("conv", "mlp"):
-        fig = {}
-        servers = {s: b.server(0, 1, 1, s, name=f"train-{kind}-s{s}") for s in ("1", "inf")}
+        jobs = {"s1": b.server(1, "1", name=f"train-{kind}-s1")[0],
+                "sinf": b.server(1, "inf", name=f"train-{kind}-sinf")[0]}
+        if o.what_if:
+            jobs["s1_t1"] = b.server(1, "1", name=f"train-{kind}-s1t1", one_thread=True)[0]
+        trainers: dict[str, RoleProcess] = {}
+        ctls: dict[str, PeerControl] = {}
         try:
-            eps = {s: b.ready(p) for s, p in servers.items()}
-            for mode, s in (("local", None), ("zps", "1"), ("zps", "inf")):
-                label = "local" if mode == "local" else f"zps_s{s}"
-                t = b.peer("train", dict(cfg, model=kind, mode=mode, endpoints=eps.get(s)), f"train-{kind}-{label}")
-                try:
-                    r = wait_result(t, 300)
-                    t.wait(30)
-                finally:
-                    b.end(t)
-                fig[label] = r
-                fig.setdefault("params", r["params"])
-                b.progress(f"train {kind} ({r['params']:,} params): {label:9s} "
-                           f"{r['it_per_s']['median']:.1f} it/s")
+            eps = {j: b.ready(p)[0] for j, p in jobs.items()}
+            trainers["local"] = b.peer("train", {"model": kind, "mode": "local"}, f"train-{kind}-local")
+            for j, ep in eps.items():
+                trainers[f"zps_{j}"] = b.peer("train", {"model": kind, "mode": "zps", "endpoints": [ep]},
+                                              f"train-{kind}-{j}")
+            for name, p in trainers.items():
+                ctls[name] = b.control(p)
+            cands = {name: remote([c], {}, 1, "it/s") for name, c in ctls.items()}
+            figs = interleaved(cands, o.reps, max(3, o.warmup), o.train_rep_s, b.progress, f"train {kind}")
+            info = {name: c.call(op="info") for name, c in ctls.items()}
+            out[kind] = {"params": info["local"]["params"], "figures": figs, "details": info}
         finally:
-            b.end(*servers.values())
-        out[kind] = fig
+            b.quit_peers(list(ctls.values()), list(trainers.values()))
+            b.end(*jobs.values())
 
 
 # =================================================================== ratios & report
-def _med(d: dict | None) -> float | None:
-    return None if d is None else d.get("median")
+def _med(fig: dict | None) -> float | None:
+    return None if fig is None else fig.get("median")
 
 
 def _ratio(a, b) -> float | None:
@@ -942,65 +1065,61 @@ def _ratio(a, b) -> float | None:
 def compute_ratios(res: dict) -> dict:
     r: dict[str, float | None] = {}
     bulk = res.get("bulk")
-    if bulk:
+    if bulk and bulk["figures"]:
         key = size_name(max(bulk["sizes"]))
-        z1, bare1 = bulk["zps"]["s1"][key], bulk["bare"]["r1"][key]
-        r["push_vs_bare"] = _ratio(_med(z1["push"]), _med(bare1["push"]))
-        r["pull_vs_bare"] = _ratio(_med(z1["pull"]), _med(bare1["pull"]))
-        if "s2" in bulk["zps"] and "r2" in bulk["bare"]:
-            z2, bare2 = bulk["zps"]["s2"][key], bulk["bare"]["r2"][key]
-            r["push_vs_bare_2servers"] = _ratio(_med(z2["push"]), _med(bare2["push"]))
-            r["pull_vs_bare_2servers"] = _ratio(_med(z2["pull"]), _med(bare2["pull"]))
-        r["pull_install_vs_bare"] = _ratio(_med(z1["pull_install"]), _med(bare1["pull"]))
-    peers = res.get("peers")
-    if bulk and peers and "rpc" in peers:
-        key = size_name(max(bulk["sizes"]))
-        rpc = peers["rpc"]["bulk"].get(key)
-        if rpc:
-            z1 = bulk["zps"]["s1"][key]
-            r["push_vs_rpc"] = _ratio(_med(z1["push"]), _med(rpc["push"]))
-            r["pull_vs_rpc"] = _ratio(_med(z1["pull"]), _med(rpc["pull"]))
-    if bulk and peers and "gloo" in peers:
-        key = size_name(max(bulk["sizes"]))
-        ar = peers["gloo"]["all_reduce"].get(key)
-        if ar:
-            # both in GB/s of one model's size per operation: an exchange moves the model twice
-            ex = _med(bulk["zps"]["s1"][key]["exchange"]) / 2
-            r["exchange_vs_allreduce"] = _ratio(ex, _med(ar))
+        f = bulk["figures"][key]
+        for op in ("push", "pull"):
+            g = f[op]
+            r[f"{op}_vs_bare"] = _ratio(_med(g["zps_s1"]), _med(g["bare_r1"]))
+            r[f"{op}_vs_rpc"] = _ratio(_med(g["zps_s1"]), _med(g["rpc"]))
+            r[f"{op}_vs_bare_2servers"] = _ratio(_med(g["zps_s2"]), _med(g["bare_r2"]))
+            if "zps_s1_t1" in g:
+                r[f"whatif_1thread_{op}_vs_bare"] = _ratio(_med(g["zps_s1_t1"]), _med(g["bare_r1"]))
+        r["pull_install_vs_bare"] = _ratio(_med(f["pull"]["zps_s1_install"]), _med(f["pull"]["bare_r1"]))
+        ex = f["exchange"]
+        r["exchange_vs_allreduce"] = _ratio(_med(ex["zps_s1"]), _med(ex["gloo_all_reduce"]))
+        if "zps_s1_t1" in ex:
+            r["whatif_1thread_exchange_vs_allreduce"] = _ratio(_med(ex["zps_s1_t1"]), _med(ex["gloo_all_reduce"]))
     small = res.get("small")
-    if small:
-        for d in (1, 8):
-            pr = _ratio(_med(small["zps"][f"push_d{d}"]), _med(small["bare"][f"push_d{d}"]))
-            pl = _ratio(_med(small["zps"][f"pull_d{d}"]), _med(small["bare"][f"pull_d{d}"]))
-            r[f"small_push_vs_bare_depth{d}"] = pr
-            r[f"small_pull_vs_bare_depth{d}"] = pl
-            r[f"small_op_vs_bare_depth{d}"] = min(pr, pl) if pr and pl else None
-    if small and peers and "rpc" in peers:
-        rs = peers["rpc"]["small"]
-        pr = _ratio(_med(small["zps"]["push_d1"]), _med(rs["push_d1"]))
-        pl = _ratio(_med(small["zps"]["pull_d1"]), _med(rs["pull_d1"]))
-        r["small_op_vs_rpc"] = min(pr, pl) if pr and pl else None
-        pr8 = _ratio(_med(small["zps"]["push_d8"]), _med(rs["push_d8"]))
-        pl8 = _ratio(_med(small["zps"]["pull_d8"]), _med(rs["pull_d8"]))
-        r["small_op_vs_rpc_depth8"] = min(pr8, pl8) if pr8 and pl8 else None
+    if small and small["figures"]:
+        f = small["figures"]
+        for cand, base, name in (("zps_s1", "bare", "vs_bare"), ("zps_s1", "rpc", "vs_rpc"),
+                                 ("zps_s1_t1", "bare", "whatif_1thread_vs_bare")):
+            for d in (1, 8):
+                if cand not in f[f"push_d{d}"]:
+                    continue
+                pr = _ratio(_med(f[f"push_d{d}"][cand]), _med(f[f"push_d{d}"][base]))
+                pl = _ratio(_med(f[f"pull_d{d}"][cand]), _med(f[f"pull_d{d}"][base]))
+                r[f"small_push_{name}_depth{d}"] = pr
+                r[f"small_pull_{name}_depth{d}"] = pl
+                r[f"small_op_{name}_depth{d}"] = min(pr, pl) if pr and pl else None
+        r["small_op_vs_rpc"] = r.get("small_op_vs_rpc_depth1")
+        r["small_exchange_vs_allreduce"] = _ratio(_med(f["exchange_d1"]["zps_s1"]),
+                                                  _med(f["exchange_d1"]["gloo_all_reduce"]))
     upd = res.get("update")
-    if upd:
+    if upd and upd["figures"]:
         key = size_name(max(upd["sizes"]))
-        f = upd["figures"][key]
-        r["adam_vs_copy_traffic"] = _ratio(f["adam"]["traffic_GBps"], f["copy"]["traffic_GBps"])
-        r["sgd_momentum_vs_copy_traffic"] = _ratio(f["sgd_momentum"]["traffic_GBps"], f["copy"]["traffic_GBps"])
-        r["adam_vs_torch_flat"] = _ratio(_med(f["adam"]), _med(f["adam_torch_flat"]))
+        for tk, figs in upd["figures"].items():
+            f = figs[key]
+            suffix = "" if tk == f"threads{upd['default_threads']}" else f"_{tk}"
+            r[f"adam_vs_copy_traffic{suffix}"] = _ratio(f["adam"]["traffic_GBps"], f["copy"]["traffic_GBps"])
+            r[f"sgd_momentum_vs_copy_traffic{suffix}"] = _ratio(f["sgd_momentum"]["traffic_GBps"],
+                                                                f["copy"]["traffic_GBps"])
+            r[f"adam_vs_torch_flat{suffix}"] = _ratio(_med(f["adam"]), _med(f["adam_torch_flat"]))
     mem = res.get("memory")
-    if mem:
+    if mem and "server" in mem:
         r["server_memory_vs_floor"] = mem["server"]["ratio"]
-        r["worker_memory_vs_floor"] = mem["worker"]["ratio"]
+        if "worker" in mem:
+            r["worker_memory_vs_floor"] = mem["worker"]["ratio"]
     tr = res.get("train")
     if tr:
         for kind, name in (("conv", ""), ("mlp", "_comm")):
-            if kind in tr:
-                loc = _med(tr[kind]["local"]["it_per_s"])
-                r[f"train{name}_vs_local_s1"] = _ratio(_med(tr[kind]["zps_s1"]["it_per_s"]), loc)
-                r[f"train{name}_vs_local_sinf"] = _ratio(_med(tr[kind]["zps_sinf"]["it_per_s"]), loc)
+            if kind not in tr:
+                continue
+            f = tr[kind]["figures"]
+            for cand, suffix in (("zps_s1", "s1"), ("zps_sinf", "sinf"), ("zps_s1_t1", "s1_whatif_1thread")):
+                if cand in f:
+                    r[f"train{name}_vs_local_{suffix}"] = _ratio(_med(f[cand]), _med(f["local"]))
     return {k: v for k, v in r.items() if v is not None}
 
 
@@ -1016,132 +1135,127 @@ def target_status(ratios: dict) -> dict:
 
 
 def _fmt(v: float, unit: str) -> str:
-    if unit in ("ops/s",):
+    if unit == "ops/s":
         return f"{v:,.0f}"
     if unit == "elements/s":
         return f"{v / 1e9:.3f}G"
+    if unit == "it/s":
+        return f"{v:.1f}"
     return f"{v:.2f}"
 
 
-def _row(name: str, fig: dict) -> str:
+def _row(name: str, fig: dict, extra: str = "") -> str:
     u = fig["unit"]
-    return (f"  {name:38s} {_fmt(fig['median'], u):>10s} {_fmt(fig['min'], u):>10s} "
-            f"{_fmt(fig['max'], u):>10s}  {u}")
+    return (f"  {name:40s} {_fmt(fig['median'], u):>10s} {_fmt(fig['min'], u):>10s} "
+            f"{_fmt(fig['max'], u):>10s}  {u}{extra}")
 
 
 def render_table(res: dict) -> str:
     lines = []
-    head = f"  {'figure':38s} {'median':>10s} {'min':>10s} {'max':>10s}  unit"
+    head = f"  {'figure':40s} {'median':>10s} {'min':>10s} {'max':>10s}  unit"
     bulk = res.get("bulk")
-    if bulk:
-        lines += ["", "1. Bulk transport (GB/s of payload; zps push includes the server's SGD update)", head]
-        for n in bulk["sizes"]:
-            key = size_name(n)
-            for s, figs in bulk["zps"].items():
-                f = figs.get(key)
-                if f:
-                    for op in ("push", "pull", "pull_install", "exchange"):
-                        lines.append(_row(f"zps {op} {key} x{s[1:]} server", f[op]))
-            for r, figs in bulk["bare"].items():
-                f = figs.get(key)
-                if f:
-                    for op in ("push", "pull"):
-                        lines.append(_row(f"bare {op} {key} x{r[1:]} ({f[op]['variant']})", f[op]))
-            rpc = res.get("peers", {}).get("rpc", {}).get("bulk", {}).get(key)
-            if rpc:
-                lines.append(_row(f"torch rpc push {key}", rpc["push"]))
-                lines.append(_row(f"torch rpc pull {key}", rpc["pull"]))
-            ar = res.get("peers", {}).get("gloo", {}).get("all_reduce", {}).get(key)
-            if ar:
-                lines.append(_row(f"gloo all_reduce {key}", ar))
+    if bulk and bulk["figures"]:
+        lines += ["", "1. Bulk transport (zps push includes the server's plain SGD; exchange = push+pull "
+                      "vs one all_reduce)", head]
+        for key, figs in bulk["figures"].items():
+            for op, group in figs.items():
+                for cand, f in group.items():
+                    extra = ""
+                    if cand.startswith("bare"):
+                        r = cand.split("_")[1]
+                        extra = f"  ({_best_variant(bulk, key, op, r)})"
+                    lines.append(_row(f"{op} {key} {cand}", f, extra))
     small = res.get("small")
-    if small:
-        lines += ["", "2. Small operations (4 KiB, round trips/s)", head]
-        for side in ("zps", "bare"):
-            for k, f in small[side].items():
-                lines.append(_row(f"{side} {k}", f))
-        rs = res.get("peers", {}).get("rpc", {}).get("small", {})
-        for k, f in rs.items():
-            lines.append(_row(f"torch rpc {k}", f))
-        ars = res.get("peers", {}).get("gloo", {}).get("all_reduce_small")
-        if ars:
-            lines.append(_row("gloo all_reduce 4KiB", ars))
+    if small and small["figures"]:
+        lines += ["", "2. Small operations (4 KiB)", head]
+        for g, group in small["figures"].items():
+            for cand, f in group.items():
+                lines.append(_row(f"{g} {cand}", f))
     upd = res.get("update")
-    if upd:
-        lines += ["", f"3. Server update rate ({upd['torch_threads']} torch threads; traffic B/elt: "
-                      f"copy 8, SGD-momentum 20, Adam 28)", head]
-        for key, figs in upd["figures"].items():
-            for name, f in figs.items():
-                lines.append(_row(f"{name} {key}", f) + f"  = {f['traffic_GBps']:.1f} GB/s traffic")
+    if upd and upd["figures"]:
+        lines += ["", "3. Server update rate (traffic B/element: copy 8, SGD-momentum 20, Adam 28)", head]
+        for tk, sizes in upd["figures"].items():
+            for key, figs in sizes.items():
+                for name, f in figs.items():
+                    lines.append(_row(f"{name} {key} {tk}", f, f"  = {f['traffic_GBps']:.1f} GB/s"))
     mem = res.get("memory")
-    if mem:
+    if mem and "server" in mem:
         lines += ["", f"5. Memory ({size_name(mem['elements'])} elements)"]
         for who in ("server", "worker"):
-            m = mem[who]
-            lines.append(f"  {who:10s} peak over baseline {m['peak_over_baseline'] / MI:8.1f} MiB, floor "
-                         f"{m['floor'] / MI:8.1f} MiB, ratio {m['ratio']:.2f} (baseline RSS "
-                         f"{m['baseline_rss'] / MI:.0f} MiB)")
-        m = mem["server_after_training_worker"]
-        lines.append(f"  server after a PSWorker trained against it: ratio {m['ratio']:.2f}")
+            m = mem.get(who)
+            if m:
+                lines.append(f"  {who:8s} peak over baseline {m['peak_over_baseline'] / MI:7.1f} MiB, floor "
+                             f"{m['floor'] / MI:7.1f} MiB, ratio {m['ratio']:.2f} "
+                             f"(baseline RSS {m['baseline_rss'] / MI:.0f} MiB)")
+        m = mem.get("server_after_training_worker")
+        if m:
+            lines.append(f"  server after a PSWorker trained against it: ratio {m['ratio']:.2f}")
     tr = res.get("train")
     if tr:
-        lines += ["", "6. End-to-end training (iterations/s)", head]
+        lines += ["", "6. End-to-end training", head]
         for kind in ("conv", "mlp"):
             if kind in tr:
-                for label in ("local", "zps_s1", "zps_sinf"):
-                    lines.append(_row(f"{kind} ({tr[kind]['params']:,} p) {label}", tr[kind][label]["it_per_s"]))
+                for cand, f in tr[kind]["figures"].items():
+                    lines.append(_row(f"{kind} ({tr[kind]['params']:,} params) {cand}", f))
     ratios = res.get("ratios", {})
     if ratios:
-        lines += ["", "Ratios (zps / baseline, medians)", f"  {'ratio':38s} {'value':>10s}  target"]
         st = res.get("targets", {})
+        lines += ["", "Ratios (zps / baseline, medians measured side by side)",
+                  f"  {'ratio':40s} {'value':>10s}  target"]
         for k, v in ratios.items():
             t = st.get(k)
             mark = "" if t is None else f"  {t['target']:8s} {'met' if t['met'] else 'MISSED'}"
-            lines.append(f"  {k:38s} {v:10.3f}{mark}")
+            lines.append(f"  {k:40s} {v:10.3f}{mark}")
     return "\n".join(lines)
+
+
+def _best_variant(bulk: dict, key: str, op: str, r: str) -> str:
+    v = bulk["bare_variants"][key][op][r]
+    return max(v, key=v.get)
 
 
 def machine_info() -> dict:
     import numpy
     import torch
     import zmq
-    cpu = ""
+    cpu, mem = "", 0
     try:
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = 0
-    try:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
         with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal"):
-                    mem = int(line.split()[1]) * 1024
+            mem = next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemTotal")), 0)
     except OSError:
         pass
+    try:
+        load = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        load = []
     return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "cpu": cpu,
-            "mem_bytes": mem, "python": platform.python_version(), "torch": torch.__version__,
-            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "numpy": numpy.__version__,
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+            "mem_bytes": mem, "loadavg_at_start": load, "python": platform.python_version(),
+            "torch": torch.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
+            "numpy": numpy.__version__, "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
 
 
 # =================================================================== main
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ps-bench",
-        description="Benchmark zps beside bare pyzmq, torch.distributed.rpc and gloo on this machine "
-                    "and report ratios (each figure: median of --reps repetitions after a warm-up).")
+        description="Benchmark zps beside bare pyzmq, torch.distributed.rpc and gloo on this machine and "
+                    "report ratios. Candidates of one comparison are interleaved repetition by repetition; "
+                    "each figure is the median (min, max) of --reps repetitions after a warm-up. "
+                    "Progress goes to stderr, the table to stdout.")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes (1M only), fewer repetitions; finishes in under 3 minutes on 2 cores")
+                   help="1M elements only, 3 repetitions, shorter repetitions (under 3 minutes on 2 cores)")
     p.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",") if x.strip()],
-                   help="comma-separated model sizes in fp32 elements, e.g. 1M,16M,64M "
-                        "(default: 1M,16M,64M; --quick: 1M)")
+                   help="comma-separated model sizes in fp32 elements (1M = 2**20), e.g. 1M,16M,64M "
+                        "[default 1M,16M,64M; --quick 1M]")
     p.add_argument("--json", metavar="PATH", help="write every figure, the ratios and the targets as JSON")
-    p.add_argument("--reps", type=int, help="repetitions per figure (default 7; --quick 3)")
-    p.add_argument("--warmup", type=int, help="warm-up calls before each figure (default 2; --quick 1)")
+    p.add_argument("--reps", type=int, help="repetitions per figure [default 7; --quick 3]")
+    p.add_argument("--warmup", type=int, help="warm-up calls per candidate [default 2; --quick 1]")
+    p.add_argument("--what-if", dest="what_if", action=argparse.BooleanOptionalAction, default=None,
+                   help="add candidates served by a ps-server limited to one torch thread "
+                        "[default: on, off with --quick]")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (the required ratios need all)")
     p.add_argument("--peer", help=argparse.SUPPRESS)
@@ -1154,13 +1268,13 @@ PEERS = {"router": peer_router, "rpc_server": peer_rpc_server, "rpc_client": pee
 
 
 def _parent_watch(ppid: int) -> None:
-    """Exit a peer whose benchmark process is gone (belt and braces next to PDEATHSIG)."""
+    """Exit a peer whose benchmark process is gone (next to PDEATHSIG, which the exec keeps)."""
     def run():
         while True:
             time.sleep(1.0)
             if os.getppid() != ppid:
                 os._exit(4)
-    threading.Thread(target=run, daemon=True).start()
+    threading.Thread(target=run, daemon=True, name="parent-watch").start()
 
 
 def _raise_interrupt(signum, _frame):
@@ -1187,34 +1301,38 @@ def main(argv: list[str] | None = None) -> int:
     if opts.reps < 1 or opts.warmup < 0:
         print("error: --reps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    if opts.what_if is None:
+        opts.what_if = not opts.quick
     opts.min_rep_s = 0.1 if opts.quick else 0.3
-    opts.train_rep_s = 0.5 if opts.quick else 1.5
+    opts.train_rep_s = 0.4 if opts.quick else 1.5
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     b = Bench(opts)
     res: dict = {"meta": {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                          "argv": sys.argv[1:] if argv is None else list(argv),
                           "quick": opts.quick, "sizes": opts.sizes, "reps": opts.reps,
-                          "warmup": opts.warmup, "min_rep_s": opts.min_rep_s, "sections": sections,
+                          "warmup": opts.warmup, "min_rep_s": opts.min_rep_s,
+                          "train_rep_s": opts.train_rep_s, "what_if": opts.what_if, "sections": sections,
                           "units": "sizes in elements (1M = 2**20 fp32); GB/s = 1e9 bytes/s of payload",
+                          "method": "candidates of a comparison interleaved per repetition; median (min, max) "
+                                    "of the repetitions' mean rates",
                           "machine": machine_info()}}
     b.progress(f"sizes {', '.join(map(size_name, opts.sizes))}; {opts.reps} reps after {opts.warmup} "
-               f"warm-up; sections {', '.join(sections)}")
+               f"warm-up; sections {', '.join(sections)}; what-if {'on' if opts.what_if else 'off'}")
     code = 0
     try:
-        routers = []
+        rp = None
         if "bulk" in sections or "small" in sections:
-            rps = [b.peer("router", {}, f"bare-router{i}") for i in range(2)]
-            routers = b.ready(*rps)
+            rp = peers_start(b)
+            b.progress("peers ready: 2 bare ROUTERs, torch rpc pair, gloo pair")
         if "bulk" in sections:
-            bench_bulk(b, opts.sizes, res, routers)
+            bench_bulk(b, opts.sizes, res, rp)
         if "small" in sections:
-            bench_small(b, res, routers)
-        if routers:
-            b.end(*[p for p in list(b.procs) if p.name.startswith("bare-router")])
+            bench_small(b, res, rp)
+        if rp is not None:
+            peers_stop(b, rp)
         if "update" in sections:
             bench_update(b, opts.sizes, res)
-        if "peers" in sections:
-            bench_peers(b, opts.sizes, res)
         if "memory" in sections:
             bench_memory(b, opts.sizes, res)
         if "train" in sections:
@@ -1224,18 +1342,20 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     except Exception as exc:
         b.progress(f"failed: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
         code = 1
-        raise
     finally:
-        b.end_all()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        res["meta"]["duration_s"] = round(time.perf_counter() - b.t0, 1)
-        res["ratios"] = compute_ratios(res) if code == 0 else {}
-        res["targets"] = target_status(res["ratios"])
-        if code == 0:
-            print(render_table(res))
-        if opts.json and code == 0:
-            with open(opts.json, "w") as fh:
-                json.dump(res, fh, indent=1)
-            b.progress(f"wrote {opts.json}")
-    return code
+        b.close()
+        signal.signal(signal.SIGTERM, previous)
+    res["meta"]["duration_s"] = round(time.perf_counter() - b.t0, 1)
+    res["meta"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
+    if code != 0:
+        return code
+    res["ratios"] = compute_ratios(res)
+    res["targets"] = target_status(res["ratios"])
+    print(render_table(res), flush=True)
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+        b.progress(f"wrote {opts.json}")
+    return 0

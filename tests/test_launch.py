@@ -1,0 +1,178 @@
+"""The launcher and the daemons end to end, as a user runs them (real processes)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from zpscluster.procs import bin_cmd
+
+pytestmark = pytest.mark.slow
+
+
+class Launcher:
+    """bin/ps-launch in a subprocess whose output lines we can wait for."""
+
+    def __init__(self, *args, out):
+        self.out = out
+        self.lines: list[str] = []
+        self.eof = False
+        self._cv = threading.Condition()
+        self.proc = subprocess.Popen(bin_cmd("ps-launch", "--out", str(out), *args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cv:
+                self.lines.append(line.rstrip("\n"))
+                self._cv.notify_all()
+        with self._cv:
+            self.eof = True
+            self._cv.notify_all()
+
+    def wait_for(self, pred, timeout):
+        with self._cv:
+            if not self._cv.wait_for(lambda: any(pred(l) for l in self.lines) or self.eof,
+                                     timeout):
+                raise TimeoutError(f"no matching line within {timeout}s; last: {self.lines[-5:]}")
+            for l in self.lines:
+                if pred(l):
+                    return l
+        raise AssertionError(f"launcher exited ({self.proc.returncode}) first; last: {self.lines[-15:]}")
+
+    def wait(self, timeout):
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def launcher():
+    started = []
+
+    def start(*args, out):
+        l = Launcher(*args, out=out)
+        started.append(l)
+        return l
+    yield start
+    for l in started:
+        l.kill()
+
+
+def summary_of(out):
+    with open(os.path.join(out, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def metrics_of(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+REQUIRED = {"workload", "servers", "workers", "staleness", "steps", "wall_seconds", "final_loss",
+            "eval_metric", "staleness_max", "staleness_histogram", "wait_seconds_total", "pushes",
+            "pulls", "bytes_sent", "bytes_received"}
+
+
+@pytest.mark.parametrize("workload,steps", [("linreg", 150), ("mf", 40), ("charlm", 12)])
+def test_launcher_runs_each_workload_end_to_end(launcher, tmp_path, workload, steps):
+    l = launcher("--workload", workload, "--servers", "2", "--workers", "2", "--staleness", "1",
+                 "--steps", str(steps), "--quiet", out=tmp_path)
+    assert l.wait(240) == 0, l.lines[-20:]
+    s = summary_of(tmp_path)
+    assert REQUIRED <= set(s)
+    assert s["workload"] == workload and s["iterations"] == 2 * steps
+    assert s["staleness_max"] <= 1
+    assert sum(s["staleness_histogram"].values()) == 2 * steps
+    assert s["pushes"] == 2 * 2 * steps  # every push reaches both servers
+    rows = metrics_of(tmp_path)
+    assert len(rows) == 2 * steps
+    assert {"worker", "clock", "loss", "time", "read_staleness", "wait_seconds"} <= set(rows[0])
+    if workload == "linreg":  # the textbook example recovers the true weights
+        assert s["eval_metric"]["name"] == "weight_distance" and s["eval_metric"]["value"] < 0.1
+
+
+def test_digits_at_staleness_2_reaches_90_percent_and_the_saved_model_matches(launcher, tmp_path):
+    save = tmp_path / "model.pt"
+    l = launcher("--workload", "digits", "--servers", "2", "--workers", "4", "--staleness", "2",
+                 "--steps", "300", "--save", str(save), "--quiet", out=tmp_path)
+    assert l.wait(400) == 0, l.lines[-20:]
+    s = summary_of(tmp_path)
+    print(f"digits s=2: accuracy {s['eval_metric']['value']:.4f} in {s['wall_seconds']:.1f}s")
+    assert s["eval_metric"]["name"] == "accuracy" and s["eval_metric"]["value"] >= 0.90
+    assert s["staleness_max"] <= 2
+    from worker.workloads import get_workload
+    wl = get_workload("digits", seed=0)
+    fresh = wl.build_model()
+    fresh.load_state_dict(torch.load(save))
+    assert wl.evaluate(fresh) == pytest.approx(s["eval_metric"]["value"], abs=1e-9)
+
+
+def _kill_when_progressed(l, out, rank, clocks, timeout=120):
+    line = l.wait_for(lambda x: x.startswith(f"[worker{rank}] READY"), timeout)
+    pid = json.loads(line.split("READY ", 1)[1])["pid"]
+    path = os.path.join(out, f"metrics-w{rank}.jsonl")
+    deadline = time.monotonic() + timeout
+    while True:  # wait (bounded) until the worker has trained a few clocks
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= clocks:
+            break
+        assert time.monotonic() < deadline and l.proc.poll() is None, l.lines[-10:]
+        threading.Event().wait(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_worker_killed_mid_run_is_recorded_and_the_others_finish(launcher, tmp_path):
+    l = launcher("--workload", "linreg", "--servers", "2", "--workers", "3", "--staleness", "1",
+                 "--steps", "400", "--worker-timeout", "3", "--heartbeat-interval", "0.5", out=tmp_path)
+    _kill_when_progressed(l, tmp_path, 1, 20)
+    assert l.wait(240) == 0, l.lines[-20:]
+    s = summary_of(tmp_path)
+    assert [x["rank"] for x in s["lost_workers"]] == [1]
+    rows = metrics_of(tmp_path)
+    assert max(r["clock"] for r in rows if r["worker"] == 0) == 399
+    assert max(r["clock"] for r in rows if r["worker"] == 1) < 399
+
+
+def test_a_restarted_worker_rejoins_and_finishes(launcher, tmp_path):
+    l = launcher("--workload", "linreg", "--servers", "1", "--workers", "2", "--staleness", "2",
+                 "--steps", "300", "--restarts", "1", "--worker-timeout", "3", "--heartbeat-interval", "0.5",
+                 out=tmp_path)
+    _kill_when_progressed(l, tmp_path, 1, 20)
+    assert l.wait(240) == 0, l.lines[-20:]
+    s = summary_of(tmp_path)
+    assert s["restarts"] == {"1": 1}
+    with open(tmp_path / "result-w1.json") as fh:
+        res = json.load(fh)
+    assert res["start_clock"] > 0 and res["clock"] == 300, res
+    assert s["eval_metric"]["value"] < 0.2
+
+
+def test_a_user_script_trains_through_ps_worker(procs, tmp_path):
+    coord = procs.start(bin_cmd("ps-coordinator", "--num-servers", "1", "--num-workers", "2", "--staleness", "2",
+                                "--optimizer", "sgd", "--lr", "0.2", "--steps", "150"), "coordinator")
+    url = coord.wait_ready(60)["endpoint"]
+    procs.start(bin_cmd("ps-server", "--coordinator", url), "server0").wait_ready(60)
+    workers = [procs.start(bin_cmd("ps-worker", "--coordinator", url, "--out", str(tmp_path), "--",
+                                   sys.executable, "examples/train_mlp.py"), f"worker{i}") for i in range(2)]
+    for w in workers:
+        assert w.wait(240) == 0, w.tail(20)
+    text = " ".join(w.tail(50) for w in workers)
+    acc = float(text.split("held-out accuracy ")[1].split()[0])
+    assert acc > 0.85
+    assert (tmp_path / "model.pt").exists()
+    assert coord.wait(30) == 0  # the coordinator stops by itself once the job is done
