@@ -1,0 +1,92 @@
+"""The daemons as a user starts them: READY lines, --help, signals, settings precedence."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common.cli import add_settings, settings_from_args
+from common.config import CoordinatorSettings, JobSettings, ServerSettings, WorkerSettings, resolve
+from common.errors import ConfigError
+from tests.conftest import ROOT
+from zpscluster.procs import bin_cmd
+
+
+@pytest.mark.parametrize("name,cls", [("ps-server", ServerSettings), ("ps-coordinator", CoordinatorSettings),
+                                      ("ps-worker", WorkerSettings)])
+def test_help_documents_every_setting(name, cls):
+    out = subprocess.run(bin_cmd(name, "--help"), capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    def names(c):
+        for f in dataclasses.fields(c):
+            if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+                yield from names(type(f.default_factory()))
+            else:
+                yield f.name
+    for n in names(cls):
+        assert "--" + n.replace("_", "-") in out.stdout, f"{name} --help does not mention --{n}"
+        assert "ZPS_" + n.upper() in " ".join(out.stdout.split()), f"{name} --help lacks ZPS_{n.upper()}"
+
+
+@pytest.mark.slow
+def test_daemons_print_ready_with_the_real_endpoint_and_stop_cleanly_on_sigterm(procs):
+    coord = procs.start(bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0", "--num-servers", "1",
+                                "--num-workers", "1"), "coordinator")
+    info = coord.wait_ready(60)
+    assert info["role"] == "coordinator" and info["rank"] == 0
+    assert info["endpoint"].startswith("tcp://127.0.0.1:") and not info["endpoint"].endswith(":0")
+    server = procs.start(bin_cmd("ps-server", "--coordinator", info["endpoint"], "--bind", "tcp://127.0.0.1:0"),
+                         "server0")
+    sinfo = server.wait_ready(60)
+    assert sinfo["role"] == "server" and sinfo["rank"] == 0 and not sinfo["endpoint"].endswith(":0")
+    for p in (server, coord):
+        t0 = time.monotonic()
+        p.signal(signal.SIGTERM)
+        assert p.wait(15) == 0, p.tail(10)
+        print(f"{p.name} stopped {time.monotonic() - t0:.2f}s after SIGTERM")
+
+
+@pytest.mark.slow
+def test_a_standalone_server_stops_on_sigint(procs):
+    p = procs.server(0, 1, 1, 0)
+    p.signal(signal.SIGINT)
+    assert p.wait(15) == 0
+
+
+def test_bad_flags_fail_with_a_message_naming_the_value():
+    out = subprocess.run(bin_cmd("ps-server", "--staleness", "-3"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "-3" in out.stderr
+
+
+def test_precedence_is_flag_then_env_then_job_file_then_default(tmp_path):
+    job = {"staleness": 3, "lr": 0.5, "server": {"lr": 0.25, "momentum": 0.9}}
+    env = {"ZPS_LR": "0.125", "ZPS_STALENESS": "inf"}
+    s = resolve(ServerSettings, {"staleness": "1"}, env, job, "server")
+    assert s.staleness == 1            # flag beats env and file
+    assert s.lr == 0.125               # env beats file
+    assert s.momentum == 0.9           # file section
+    s2 = resolve(ServerSettings, {}, {}, job, "server")
+    assert s2.lr == 0.25 and s2.staleness == 3   # section beats top level
+    assert resolve(ServerSettings, {}, {}, {}, "server").lr == ServerSettings().lr
+
+
+def test_job_file_with_an_unknown_setting_is_an_error(tmp_path):
+    import argparse
+    p = argparse.ArgumentParser()
+    add_settings(p, ServerSettings)
+    ns = p.parse_args([])
+    with pytest.raises(ConfigError, match="lrr"):
+        settings_from_args(ServerSettings, ns, {"server": {"lrr": 1}}, "server", env={})
+
+
+def test_job_settings_round_trip_and_validation():
+    j = JobSettings(num_servers=2, num_workers=3, staleness="inf", workload="digits")
+    assert JobSettings.from_wire(j.to_wire()) == j
+    with pytest.raises(ConfigError, match="heartbeat"):
+        JobSettings(worker_timeout=1.0, heartbeat_interval=1.0)
+    with pytest.raises(ConfigError, match="-1"):
+        JobSettings(steps=-1)
