@@ -582,8 +582,8 @@ class CharLM(Workload):
     name = "charlm"
     metric_name = "bits_per_char"
     higher_is_better = False
-    defaults = WorkloadDefaults(optimizer="adam", lr=3e-3, momentum=0.0, batch_size=32,
-                                steps=600, quick_steps=30, target=3.0)
+    defaults = WorkloadDefaults(optimizer="adam", lr=2e-3, momentum=0.0, batch_size=32,
+                                steps=600, quick_steps=30, target=3.2)
     OPTIONS = {"max_chars": 1_500_000, "context": 64, "d_model": 64, "heads": 4, "layers": 2,
                "ff": 256, "eval_fraction": 0.05, "eval_windows": 128}
     VOCAB = 256
