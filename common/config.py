@@ -194,6 +194,8 @@ class ServerSettings:
     read_timeout: float = setting(120.0, "longest a parked read waits when the request names no deadline, seconds")
     worker_timeout: float = setting(10.0, "seconds of silence after which a worker is dead")
     staleness_lr: bool = setting(False, "divide the learning rate by each update's measured staleness")
+    dc_lambda: float = setting(0.0, "delay compensation (DC-ASGD) strength lambda; 0 turns it off "
+                                    "(costs up to 2 shard copies per worker)")
     max_parked: int = setting(10000, "parked reads at most; more are refused with OVERLOADED")
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
@@ -236,6 +238,7 @@ class JobSettings:
     nesterov: bool = setting(False, "SGD Nesterov momentum")
     weight_decay: float | None = setting(None, "weight decay (None: the optimizer's default)")
     staleness_lr: bool = setting(False, "divide the learning rate by each update's measured staleness")
+    dc_lambda: float = setting(0.0, "delay compensation (DC-ASGD) strength lambda; 0 turns it off")
     workload: str = setting("", "built-in workload the workers train (linreg, digits, mf, charlm)")
     steps: int = setting(0, "iterations (clocks) per worker (0: the workload's default)")
     seed: int = setting(0, "seed of the model, the data split and the straggler draws")

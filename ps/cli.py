@@ -99,7 +99,7 @@ def _coordinated(settings: ServerSettings, rank: int, job: JobSettings) -> Serve
     """This server's settings once the coordinator assigned its rank and sent the job."""
     opts = dict(rank=rank, num_servers=job.num_servers, num_workers=job.num_workers,
                 staleness=job.staleness, optimizer=job.optimizer or "sgd", nesterov=job.nesterov,
-                weight_decay=job.weight_decay, staleness_lr=job.staleness_lr,
+                weight_decay=job.weight_decay, staleness_lr=job.staleness_lr, dc_lambda=job.dc_lambda,
                 worker_timeout=job.worker_timeout, read_timeout=max(job.read_timeout, settings.read_timeout))
     if job.lr is not None:
         opts["lr"] = job.lr

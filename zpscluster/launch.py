@@ -23,7 +23,7 @@ from zpscluster.procs import RoleProcess, bin_cmd
 
 JOB_FLAGS = ("staleness", "workload", "steps", "optimizer", "lr", "momentum", "seed", "straggler",
              "batch_size", "eval_every", "worker_timeout", "heartbeat_interval", "read_timeout",
-             "weight_decay", "frame_elems")
+             "weight_decay", "frame_elems", "dc_lambda")
 
 
 def launch_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,10 @@ def launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data split and stragglers [0]")
     p.add_argument("--straggler", default="none",
                    help="none, RANK:FACTOR (that rank FACTOR times slower) or random:P:FACTOR [none]")
+    p.add_argument("--staleness-lr", action="store_true",
+                   help="servers divide the learning rate by each update's measured staleness")
+    p.add_argument("--dc-lambda", type=float, default=None,
+                   help="delay-compensated updates (DC-ASGD) with this lambda [off]")
     p.add_argument("--eval-every", type=int, default=None, help="worker 0 evaluates every N clocks")
     p.add_argument("--out", default="out/job", help="output folder [out/job]")
     p.add_argument("--save", default="", help="write the trained model's state_dict here")
@@ -95,6 +99,8 @@ class Launch:
             v = getattr(a, name, None)
             if v is not None and v != "":
                 out += ["--" + name.replace("_", "-"), str(v)]
+        if a.staleness_lr:
+            out.append("--staleness-lr")
         return out
 
     def start_worker(self, rank: int) -> RoleProcess:
