@@ -20,7 +20,7 @@ Requests and their replies (every request gets its reply or an ERROR):
                      start_clock, initialized, sinc, staleness
     INIT        w->s w, inc, ph, n                             range
     INIT_OK     s->w accepted                                  -
-    PUSH        w->s w, inc, seq, clk, ph, n, tick             range
+    PUSH        w->s w, inc, seq, clk, ph, n, tick, [rs]       range
     PUSH_OK     s->w step, dup                                 -
     PULL        w->s w, clk, ph, [dl]                          -
     PULL_OK     s->w min_clock, step, n                        range
@@ -155,6 +155,7 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
 #: Optional keys: PULL "dl" (deadline, ms, > 0); ERROR "detail" (map).
 OPTIONAL: dict[MsgType, dict[str, type]] = {
     MsgType.PULL: {"dl": int},
+    MsgType.PUSH: {"rs": int},
     MsgType.ADDRESSES: {"dl": int},
     MsgType.BARRIER: {"dl": int},
     MsgType.ERROR: {"detail": dict},

@@ -132,6 +132,61 @@ class SyncAveraging:
         return start
 
 
+class DelayCompensation:
+    """DC-ASGD (Zheng et al., ICML 2017): compensate a stale gradient for the delay.
+
+    ``g' = g + lambda * g * g * (w_now - w_read)``, where ``w_read`` are the
+    weights the worker computed ``g`` on.  The server keeps, per worker, the
+    last ``KEEP`` weight versions it sent (keyed by update step), so the
+    memory cost is up to ``KEEP * W`` copies of the shard (4 bytes per element
+    each) plus one shard-sized work buffer.  A push whose read step is no
+    longer kept is applied uncompensated and counted in ``misses``.
+    """
+
+    KEEP = 2
+
+    def __init__(self, lam: float, n: int, chunk_elems: int):
+        self.lam = float(lam)
+        self.n = n
+        self._slices = frame_slices(n, chunk_elems)
+        self._kept: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._work = torch.empty(n, dtype=torch.float32)
+        self.compensated = 0
+        self.misses = 0
+
+    def remember(self, w: int, step: int, weights: torch.Tensor) -> None:
+        ring = self._kept.setdefault(w, [])
+        if ring and ring[-1][0] == step:
+            return
+        if len(ring) >= self.KEEP:
+            _, buf = ring.pop(0)
+            buf.copy_(weights)
+        else:
+            buf = weights.clone()
+        ring.append((step, buf))
+
+    def compensate(self, w: int, read_step: int, grads, weights: torch.Tensor) -> list[torch.Tensor]:
+        w_read = next((buf for step, buf in self._kept.get(w, ()) if step == read_step), None)
+        if w_read is None:
+            self.misses += 1
+            return list(grads)
+        out = []
+        for (a, b), g in zip(self._slices, grads):
+            t = self._work[a:b]
+            torch.sub(weights[a:b], w_read[a:b], out=t)
+            t.mul_(g).mul_(g).mul_(self.lam).add_(g)
+            out.append(t)
+        self.compensated += 1
+        return out
+
+    def nbytes(self) -> int:
+        return sum(buf.numel() * 4 for ring in self._kept.values() for _, buf in ring) + self.n * 4
+
+    def stats(self) -> dict:
+        return {"lambda": self.lam, "compensated": self.compensated, "misses": self.misses,
+                "bytes": self.nbytes()}
+
+
 class PushLedger:
     """Which (worker, incarnation, seq) pushes have been applied."""
 

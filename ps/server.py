@@ -33,7 +33,7 @@ from common.errors import ConfigError, ErrorCode, ProtocolError
 from common.plan import PartitionPlan
 from common.protocol import Message, MsgType
 from ps.optim import OptimizerSpec, ShardOptimizer
-from ps.rules import ApplyOnArrival, PushLedger, SyncAveraging
+from ps.rules import ApplyOnArrival, DelayCompensation, PushLedger, SyncAveraging
 from ps.shard import ShardStore
 from ps.ssp import SSPGate
 from common.transport import bound_endpoint, make_router
@@ -62,10 +62,13 @@ class ShardServer:
         self.store: ShardStore | None = None
         self.optimizer: ShardOptimizer | None = None
         self.rule = None
+        self.dc: DelayCompensation | None = None
+        self._push_scale = 1.0
         self.stats = {
             "requests": 0, "pushes": 0, "pulls": 0, "dup_pushes": 0, "nonfinite": 0,
             "errors": {}, "bytes_in": 0, "bytes_out": 0, "parked_total": 0,
             "expired_reads": 0, "unroutable": 0, "send_blocked": 0, "dead_workers": [],
+            "update_staleness": {},
         }
         self._stopping = False
         self._closed = False
@@ -152,6 +155,9 @@ class ShardServer:
                     self._stopping = True
                     break
                 if self.sock in events:
+                    # time passed before these messages arrived: a worker silent past its
+                    # timeout is dead before its late message is handled
+                    self._advance_time()
                     for _ in range(BATCH):
                         try:
                             frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -323,7 +329,9 @@ class ShardServer:
         if self.settings.staleness == 0:
             self.rule = SyncAveraging(self.gate, self._apply_step, n, plan.frame_elems)
         else:
-            self.rule = ApplyOnArrival(self.gate, self._apply_step)
+            self.rule = ApplyOnArrival(self.gate, self._apply_step, lambda w, clk: self._push_scale)
+            if self.settings.dc_lambda > 0:
+                self.dc = DelayCompensation(self.settings.dc_lambda, n, plan.frame_elems)
         log.info("server %d adopted %s; holds %d elements", self.settings.rank, plan.describe(), n)
 
     def _apply_step(self, grads, lr_scale: float) -> None:
@@ -363,6 +371,14 @@ class ShardServer:
             self.stats["nonfinite"] += 1
             raise ProtocolError(f"gradient from worker {w} at clock {clk} holds NaN or infinity; "
                                 "not applied", ErrorCode.NONFINITE)
+        rs = msg.header.get("rs")
+        staleness = max(0, self.optimizer.steps - rs) if rs is not None else 0
+        hist = self.stats["update_staleness"]
+        key = str(min(staleness, 64))
+        hist[key] = hist.get(key, 0) + 1
+        self._push_scale = 1.0 / max(1, staleness) if self.settings.staleness_lr else 1.0
+        if self.dc is not None and rs is not None:
+            grads = self.dc.compensate(w, rs, grads, self.store.weights)
         self.rule.on_push(w, clk, grads, msg["tick"])
         self.ledger.record(w, seq)
         self.stats["pushes"] += 1
@@ -388,6 +404,8 @@ class ShardServer:
         frames = self.store.reply_frames()
         header = {"rid": rid, "min_clock": self.gate.min_clock, "step": self.optimizer.steps,
                   "n": self.store.n}
+        if self.dc is not None:
+            self.dc.remember(w, self.optimizer.steps, self.store.weights)
         self._send(ident, proto.encode(MsgType.PULL_OK, header, frames))
 
     def _on_clock(self, ident: bytes, msg: Message) -> None:
@@ -422,6 +440,9 @@ class ShardServer:
         """A msgpack-friendly view of the server's state and counters."""
         s = dict(self.stats)
         s["errors"] = dict(s["errors"])
+        s["update_staleness"] = dict(s["update_staleness"])
+        if self.dc is not None:
+            s["dc"] = self.dc.stats()
         s["dead_workers"] = list(s["dead_workers"])
         s.update({
             "rank": self.settings.rank, "endpoint": self.endpoint, "sinc": self.incarnation,

@@ -205,7 +205,7 @@ def test_batch_size_defaults_and_can_be_overridden(workloads):
 
 @pytest.mark.parametrize("rank,world,bs,needle", [
     (4, 4, None, "rank"), (0, 0, None, "world"), (0, 1, 0, "batch_size"), (0, 1, 2.0, "batch_size"),
-    (0, 100_000, None, "no training examples"),
+    (99_999, 100_000, None, "no training examples"),
 ])
 def test_batches_validate_when_called_not_when_first_drawn(rank, world, bs, needle, workloads):
     with pytest.raises(ValueError, match=needle):
@@ -229,7 +229,7 @@ def test_loss_is_a_finite_scalar_with_gradients_for_every_parameter(name, worklo
     wl = workloads[name]
     model = wl.build_model()
     loss = wl.loss(model, next(wl.batches(0, 1)))
-    assert loss.dim() == 0 and math.isfinite(float(loss))
+    assert loss.dim() == 0 and math.isfinite(loss.item())
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname

@@ -217,16 +217,21 @@ class PSClient:
         return [m["accepted"] for m in _wait_all(futs, timeout or self.settings.request_timeout, "init")]
 
     def push(self, flat_grad: np.ndarray, clock: int, tick: bool = True,
-             timeout: float | None = None) -> PushHandle:
+             timeout: float | None = None, read_steps: Sequence[int] | None = None) -> PushHandle:
         """Send each server its range of ``flat_grad`` (zero-copy), tagged with ``clock``.
 
-        Do not write ``flat_grad`` until ``PushHandle.released()``.
+        ``read_steps[k]`` is server k's update step when the weights this
+        gradient was computed on were read (for staleness-aware learning
+        rates and delay compensation).  Do not write ``flat_grad`` until
+        ``PushHandle.released()``.
         """
         futs, trackers = [], []
         for k in range(len(self.endpoints)):
             lo, hi = self.plan.range_of(k)
             head = {"w": self.worker_id, "inc": self.incarnation, "seq": next(self._seq[k]),
                     "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick}
+            if read_steps is not None and read_steps[k] >= 0:
+                head["rs"] = int(read_steps[k])
             f, t = self.request(k, MsgType.PUSH, head, self._data_frames(flat_grad, lo, hi, self.plan.frame_elems),
                                 timeout=timeout, track=True)
             futs.append(f)

@@ -63,6 +63,7 @@ class PSWorker:
         self.records: list[ReadRecord] = []
         self._stamp = -(1 << 62)  # nothing installed yet
         self._step = 0
+        self._read_steps: list[int] | None = None
         self._pull: PullHandle | None = None
         self._pushes: collections.deque[PushHandle] = collections.deque()
         self.started = False
@@ -109,7 +110,8 @@ class PSWorker:
         replies = handle.wait(timeout)
         self.binding.install(replies)
         self._stamp = min(m["min_clock"] for m in replies)
-        self._step = sum(m["step"] for m in replies)
+        self._read_steps = [m["step"] for m in replies]
+        self._step = sum(self._read_steps)
 
     def read(self, timeout: float | None = None) -> ReadRecord:
         """Make the model's weights valid for the current clock; record the read."""
@@ -146,7 +148,7 @@ class PSWorker:
     def push(self, tick: bool = True) -> PushHandle:
         """Push the gradients tagged with the current clock; advance the clock if ``tick``."""
         grads = self.binding.grads_host()
-        handle = self.client.push(grads, self.clock, tick)
+        handle = self.client.push(grads, self.clock, tick, read_steps=self._read_steps)
         self._pushes.append(handle)
         while len(self._pushes) > self.settings.max_pushes_in_flight:
             self._settle(self._pushes.popleft(), self.settings.request_timeout)

@@ -1,0 +1,170 @@
+"""One server in this process on 127.0.0.1 (real sockets), driven by PSClient."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ClientSettings, ServerSettings
+from common.errors import DeadlineExceeded, ErrorCode, RemoteError, StalenessTimeoutError
+from common.plan import PartitionPlan
+from common.protocol import MsgType
+from ps.server import ShardServer
+from worker.client import PSClient
+from worker.session import PSWorker
+
+
+@pytest.fixture
+def make_server():
+    made = []
+
+    def make(**kw):
+        s = ShardServer(ServerSettings(**{"num_servers": 1, "num_workers": 1, "staleness": 1, **kw}))
+        s.run_in_background()
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        assert s.shutdown(5)
+
+
+@pytest.fixture
+def make_client():
+    made = []
+
+    def make(server, w=0, frame_elems=64, **kw):
+        c = PSClient([server.endpoint], w, settings=ClientSettings(frame_elems=frame_elems, **kw)).start()
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+
+
+def plan_of(n, frame=64):
+    return PartitionPlan.build([("w", (n,), "float32")], 1, frame_elems=frame)
+
+
+def pull_flat(c, plan, clk=0):
+    m = c.pull(clk, timeout=10).wait(10)[0]
+    return np.concatenate([np.frombuffer(f.buffer, dtype="<f4") for f in m.frames]), m
+
+
+def push(c, plan, g, clk, rs=None, seq=None):
+    head = {"w": c.worker_id, "inc": c.incarnation, "seq": clk if seq is None else seq, "clk": clk,
+            "ph": plan.hash, "n": plan.total, "tick": True}
+    if rs is not None:
+        head["rs"] = rs
+    frames = [g[a:b].tobytes() for a, b in plan.frames_of(0)]
+    return c.request(0, MsgType.PUSH, head, frames).result(10)
+
+
+def test_staleness_aware_learning_rate_divides_by_the_measured_staleness(make_server, make_client):
+    srv = make_server(staleness="inf", lr=1.0, staleness_lr=True)
+    c = make_client(srv)
+    plan = plan_of(100)
+    c.hello(plan)
+    c.init(np.zeros(100, np.float32))
+    ones = np.ones(100, np.float32)
+    for clk in range(3):                  # steps 1..3, each read fresh (rs = current step)
+        push(c, plan, ones, clk, rs=clk)
+    push(c, plan, ones, 3, rs=0)          # computed on step-0 weights: staleness 3
+    w, _ = pull_flat(c, plan)
+    assert np.allclose(w, -(3 + 1 / 3))
+    hist = c.server_stats(0)["update_staleness"]
+    assert hist == {"0": 3, "3": 1}
+
+
+def test_delay_compensation_adds_lambda_g_squared_times_the_weight_drift(make_server, make_client):
+    lam = 0.5
+    srv = make_server(staleness="inf", num_workers=2, lr=1.0, dc_lambda=lam)
+    a, b = make_client(srv, 0), make_client(srv, 1)
+    plan = plan_of(64)
+    a.hello(plan)
+    b.hello(plan)
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(64).astype(np.float32)
+    a.init(w0)
+    read, m = pull_flat(b, plan)          # worker 1 reads the step-0 weights
+    assert m["step"] == 0 and np.array_equal(read, w0)
+    ga = rng.standard_normal(64).astype(np.float32)
+    push(a, plan, ga, 0, rs=0)            # worker 0 moves the weights: w1 = w0 - ga
+    w1 = w0 - ga
+    gb = rng.standard_normal(64).astype(np.float32)
+    push(b, plan, gb, 0, rs=0)            # stale by one step: compensated
+    want = w1 - (gb + lam * gb * gb * (w1 - w0))
+    got, _ = pull_flat(a, plan)
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-6)
+    dc = a.server_stats(0)["dc"]
+    assert (dc["compensated"], dc["misses"]) == (1, 1)  # worker 0 never pulled: nothing to compensate with
+
+
+def test_a_large_zero_copy_push_and_pull_round_trip_exactly(make_server, make_client):
+    n = 300_000  # 1.2 MB: frames go zero-copy with trackers on both sides
+    srv = make_server(staleness="inf", lr=1.0)
+    c = make_client(srv, frame_elems=1 << 16)
+    plan = plan_of(n, 1 << 16)
+    c.hello(plan)
+    w0 = np.arange(n, dtype=np.float32)
+    c.init(w0)
+    g = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    handles = [c.push(g, clk) for clk in range(3)]
+    for h in handles:
+        h.wait_released(10)
+        h.wait(10)
+    got, _ = pull_flat(c, plan)
+    assert np.array_equal(got, ((w0 - g) - g) - g)
+
+
+def test_a_read_past_its_deadline_fails_naming_the_worker_holding_it_back(make_server, make_client):
+    srv = make_server(staleness=1, num_workers=2)
+    a, b = make_client(srv, 0), make_client(srv, 1)
+    plan = plan_of(64)
+    a.hello(plan)
+    b.hello(plan)
+    a.init(np.zeros(64, np.float32))
+    for clk in range(2):
+        a.push(np.zeros(64, np.float32), clk).wait(10)
+    with pytest.raises(StalenessTimeoutError) as err:
+        a.pull(3, timeout=0.3).wait(10)   # needs min_clock >= 2; worker 1 is at 0
+    assert err.value.blockers == [1]
+
+
+def test_worker_session_records_staleness_and_serves_reads_from_its_cache(make_server):
+    srv = make_server(staleness=3, lr=0.1)
+    model = torch.nn.Linear(8, 2)
+    pw = PSWorker(model, [srv.endpoint], 0, settings=ClientSettings(frame_elems=64, refresh="lazy")).start()
+    try:
+        pulls_before = srv.snapshot_stats()["pulls"]
+        for _ in range(8):
+            rec = pw.read()
+            pw.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            pw.push()
+        pw.flush(10)
+        recs = pw.records
+        assert all(r.staleness <= 3 for r in recs)
+        assert sum(r.pulled for r in recs) < len(recs)   # most reads were served from the cache
+        assert srv.snapshot_stats()["pulls"] - pulls_before < len(recs)
+    finally:
+        pw.close()
+
+
+def test_a_fenced_worker_rejoins_at_the_current_min_clock(make_server):
+    clock = {"now": 0.0}
+    srv = ShardServer(ServerSettings(num_servers=1, num_workers=1, staleness="inf", worker_timeout=5),
+                      clock=lambda: clock["now"])
+    srv.run_in_background()
+    model = torch.nn.Linear(4, 1)
+    pw = PSWorker(model, [srv.endpoint], 0, settings=ClientSettings(frame_elems=64, heartbeat_interval=60)).start()
+    try:
+        for _ in range(3):
+            pw.read(); pw.zero_grad(); model(torch.randn(2, 4)).sum().backward(); pw.push()
+        pw.flush(10)
+        clock["now"] = 100.0              # the server has not heard from the worker for 100 s
+        pw.read(); pw.zero_grad(); model(torch.randn(2, 4)).sum().backward(); pw.push()
+        pw.flush(10)
+        assert pw.rejoins == 1
+    finally:
+        pw.close()
+        srv.shutdown(5)
