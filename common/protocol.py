@@ -39,7 +39,9 @@ REGISTER{role, want, inc, endpoint, host, pid, version} -> REGISTER_OK{rank, job
 ADDRESSES{[dl]} -> ADDRESSES_OK{servers} once every server registered;
 BARRIER{name, role, rank, [dl]} -> BARRIER_OK{members} once every live member arrived;
 BEAT{role, rank, inc} -> BEAT_OK{state, dead_workers}; DONE{role, rank, inc, result}
--> DONE_OK; STATUS -> STATUS_OK{status}.
+-> DONE_OK; STATUS -> STATUS_OK{status}.  ECHO{n} + n fp32 elements -> ECHO_OK{n, time}
++ the same elements (servers and the coordinator; for round-trip, bandwidth and
+clock-skew checks; ``time`` is the answering host's Unix time).
 
 docs/PROTOCOL.md is the full specification.  This module is pure: no
 sockets, no clocks; ``encode``/``decode`` are an exact inverse pair.
@@ -92,15 +94,17 @@ class MsgType(enum.IntEnum):
     DONE_OK = 29
     STATUS = 30
     STATUS_OK = 31
+    ECHO = 32
+    ECHO_OK = 33
     ERROR = 127
 
 
 #: Message types whose frames 1..n hold a parameter range.
-DATA_TYPES = frozenset({MsgType.INIT, MsgType.PUSH, MsgType.PULL_OK})
+DATA_TYPES = frozenset({MsgType.INIT, MsgType.PUSH, MsgType.PULL_OK, MsgType.ECHO, MsgType.ECHO_OK})
 REQUEST_TYPES = frozenset({
     MsgType.HELLO, MsgType.INIT, MsgType.PUSH, MsgType.PULL, MsgType.CLOCK,
     MsgType.STATS, MsgType.SHUTDOWN, MsgType.HEARTBEAT, MsgType.REGISTER,
-    MsgType.ADDRESSES, MsgType.BARRIER, MsgType.BEAT, MsgType.DONE, MsgType.STATUS,
+    MsgType.ADDRESSES, MsgType.BARRIER, MsgType.BEAT, MsgType.DONE, MsgType.STATUS, MsgType.ECHO,
 })
 REPLY_TO = {
     MsgType.HELLO: MsgType.HELLO_OK, MsgType.INIT: MsgType.INIT_OK,
@@ -109,7 +113,7 @@ REPLY_TO = {
     MsgType.SHUTDOWN: MsgType.SHUTDOWN_OK, MsgType.HEARTBEAT: MsgType.HEARTBEAT_OK,
     MsgType.REGISTER: MsgType.REGISTER_OK, MsgType.ADDRESSES: MsgType.ADDRESSES_OK,
     MsgType.BARRIER: MsgType.BARRIER_OK, MsgType.BEAT: MsgType.BEAT_OK,
-    MsgType.DONE: MsgType.DONE_OK, MsgType.STATUS: MsgType.STATUS_OK,
+    MsgType.DONE: MsgType.DONE_OK, MsgType.STATUS: MsgType.STATUS_OK, MsgType.ECHO: MsgType.ECHO_OK,
 }
 
 _U64 = (0, (1 << 64) - 1)
@@ -150,6 +154,8 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
     MsgType.DONE_OK: {},
     MsgType.STATUS: {},
     MsgType.STATUS_OK: {"status": dict},
+    MsgType.ECHO: {"n": int},
+    MsgType.ECHO_OK: {"n": int, "time": float},
     MsgType.ERROR: {"code": int, "msg": str},
 }
 #: Optional keys: PULL "dl" (deadline, ms, > 0); ERROR "detail" (map).
@@ -304,6 +310,10 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
 
 
 def _check_field(msg_type: MsgType, key: str, value: Any, typ: type) -> None:
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"{msg_type.name}.{key} must be a number, got {type(value).__name__}")
+        return
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError(f"{msg_type.name}.{key} must be an integer, got {type(value).__name__}")

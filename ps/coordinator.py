@@ -27,6 +27,7 @@ from common import protocol as proto
 from common.config import CoordinatorSettings
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import Message, MsgType
+from common.control import VERSION
 from common.transport import bound_endpoint, make_router
 
 log = logging.getLogger("zps.coordinator")
@@ -314,6 +315,10 @@ class Coordinator:
     def _on_status(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {"status": self.status()})
 
+    def _on_echo(self, ident: bytes, msg: Message) -> None:
+        self._send(ident, proto.encode(MsgType.ECHO_OK, {"rid": msg.rid, "n": msg["n"], "time": time.time()},
+                                       msg.frames))
+
     def _on_shutdown(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {})
         if self.state in ("waiting", "running"):
@@ -324,7 +329,7 @@ class Coordinator:
     _handlers = {
         MsgType.REGISTER: _on_register, MsgType.ADDRESSES: _on_addresses,
         MsgType.BARRIER: _on_barrier, MsgType.BEAT: _on_beat, MsgType.DONE: _on_done,
-        MsgType.STATUS: _on_status, MsgType.SHUTDOWN: _on_shutdown,
+        MsgType.STATUS: _on_status, MsgType.SHUTDOWN: _on_shutdown, MsgType.ECHO: _on_echo,
     }
 
     def status(self) -> dict:
@@ -333,6 +338,7 @@ class Coordinator:
                     "endpoint": m.endpoint, "host": m.host, "pid": m.pid, "restarts": m.restarts,
                     "lost": m.lost}
         return {"state": self.state, "endpoint": self.endpoint, "job": self.job.to_wire(),
+                "time": time.time(), "version": VERSION,
                 "uptime": round(self._clock() - self.started, 3),
                 "servers": [view(m) for m in self.members["server"]],
                 "workers": [view(m) for m in self.members["worker"]],

@@ -425,6 +425,9 @@ class ShardServer:
     def _on_stats(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {"stats": self.snapshot_stats()})
 
+    def _on_echo(self, ident: bytes, msg: Message) -> None:
+        self._reply(ident, msg, {"n": msg["n"], "time": time.time()}, msg.frames)
+
     def _on_shutdown(self, ident: bytes, msg: Message) -> None:
         log.info("server %d: shutdown requested", self.settings.rank)
         self._reply(ident, msg, {})
@@ -433,7 +436,7 @@ class ShardServer:
     _handlers = {
         MsgType.HELLO: _on_hello, MsgType.INIT: _on_init, MsgType.PUSH: _on_push,
         MsgType.PULL: _on_pull, MsgType.CLOCK: _on_clock, MsgType.HEARTBEAT: _on_heartbeat,
-        MsgType.STATS: _on_stats, MsgType.SHUTDOWN: _on_shutdown,
+        MsgType.STATS: _on_stats, MsgType.SHUTDOWN: _on_shutdown, MsgType.ECHO: _on_echo,
     }
 
     def snapshot_stats(self) -> dict:

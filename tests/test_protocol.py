@@ -81,6 +81,8 @@ HEADERS: dict[MsgType, dict] = {
     MsgType.DONE_OK: {"rid": 13},
     MsgType.STATUS: {"rid": 14},
     MsgType.STATUS_OK: {"rid": 14, "status": {"state": "running"}},
+    MsgType.ECHO: {"rid": 15, "n": N},
+    MsgType.ECHO_OK: {"rid": 15, "n": N, "time": 1_790_000_000.25},
     MsgType.ERROR: {"rid": 4, "code": int(ErrorCode.STALE_TIMEOUT),
                     "msg": "read at clock 6 not served within 30000 ms",
                     "detail": {"blockers": [0, 2]}},
@@ -128,8 +130,8 @@ def test_every_request_type_has_a_reply_type():
     assert all(REPLY_TO[t] == MsgType(t + 1) for t in REQUEST_TYPES)
 
 
-def test_only_init_push_and_pull_ok_carry_data():
-    assert DATA_TYPES == {MsgType.INIT, MsgType.PUSH, MsgType.PULL_OK}
+def test_only_init_push_pull_ok_and_echo_carry_data():
+    assert DATA_TYPES == {MsgType.INIT, MsgType.PUSH, MsgType.PULL_OK, MsgType.ECHO, MsgType.ECHO_OK}
     assert all("n" in SCHEMA[t] for t in DATA_TYPES)
 
 
@@ -364,6 +366,7 @@ def test_decode_rejects_a_missing_required_key(msg_type, key):
 
 #: Values of the wrong type for each declared type (bool is not an int here).
 WRONG = {int: [True, False, "3", 3.0, None, [3], b"3"], bool: [1, 0, "true", None],
+         float: [True, "3", None, [3]],
          dict: [[], "x", 1, None], str: [1, b"x", None, []], list: [{}, "x", 1, None]}
 TYPED = [(t, k, bad) for t in MsgType
          for k, typ in {**SCHEMA[t], **OPTIONAL.get(t, {})}.items() for bad in WRONG[typ]]
