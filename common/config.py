@@ -80,6 +80,11 @@ class ClientSettings:
     max_pushes_in_flight: int = setting(4, "pushes sent but not yet acknowledged before a push waits")
     refresh: str = setting("eager", "'eager': pull fresh weights after every push; "
                                     "'lazy': pull only when the cached weights are too stale")
+    attempt_timeout: float = setting(10.0, "seconds without an answer before a request is sent again "
+                                           "(same sequence number; pulls wait for their deadline first)")
+    backoff_max: float = setting(2.0, "cap of the exponential backoff between attempts, seconds")
+    faults: str = setting("none", "fault injection on sends, e.g. 'drop=0.1,dup=0.1,types=PUSH' (tests, experiments)")
+    fault_seed: int = setting(0, "seed of the fault injector")
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
     def __post_init__(self):
@@ -91,6 +96,8 @@ class ClientSettings:
         _positive("max_pushes_in_flight", self.max_pushes_in_flight)
         if self.refresh not in ("eager", "lazy"):
             raise ConfigError(f"refresh must be 'eager' or 'lazy', got {self.refresh!r}")
+        _positive("attempt_timeout", self.attempt_timeout)
+        _positive("backoff_max", self.backoff_max)
 
 
 def env_name(field: str) -> str:
@@ -249,6 +256,7 @@ class JobSettings:
     worker_timeout: float = setting(10.0, "seconds of silence after which a worker is dropped")
     heartbeat_interval: float = setting(1.0, "seconds between heartbeats")
     frame_elems: int = setting(1 << 18, "elements per data frame")
+    faults: str = setting("none", "fault injection on workers' sends, e.g. 'drop=0.1,dup=0.1,types=PUSH'")
 
     def __post_init__(self):
         object.__setattr__(self, "staleness", parse_staleness(self.staleness))

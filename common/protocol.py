@@ -27,7 +27,7 @@ Requests and their replies (every request gets its reply or an ERROR):
     CLOCK       w->s w, inc, clk                               -
     CLOCK_OK    s->w min_clock                                 -
     HEARTBEAT   w->s w, inc                                    -
-    HEARTBEAT_OK s->w min_clock                                -
+    HEARTBEAT_OK s->w min_clock, sinc                          -
     STATS       any  -                                         -
     STATS_OK    s->  stats                                     -
     SHUTDOWN    any  -                                         -
@@ -140,7 +140,7 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
     MsgType.SHUTDOWN: {},
     MsgType.SHUTDOWN_OK: {},
     MsgType.HEARTBEAT: {"w": int, "inc": int},
-    MsgType.HEARTBEAT_OK: {"min_clock": int},
+    MsgType.HEARTBEAT_OK: {"min_clock": int, "sinc": int},
     MsgType.REGISTER: {"role": str, "want": int, "inc": int, "endpoint": str, "host": str,
                        "pid": int, "version": str},
     MsgType.REGISTER_OK: {"rank": int, "job": dict},
@@ -161,7 +161,9 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
 #: Optional keys: PULL "dl" (deadline, ms, > 0); ERROR "detail" (map).
 OPTIONAL: dict[MsgType, dict[str, type]] = {
     MsgType.PULL: {"dl": int},
-    MsgType.PUSH: {"rs": int},
+    MsgType.PUSH: {"rs": int, "to": int},
+    MsgType.INIT: {"to": int},
+    MsgType.CLOCK: {"to": int},
     MsgType.ADDRESSES: {"dl": int},
     MsgType.BARRIER: {"dl": int},
     MsgType.ERROR: {"detail": dict},

@@ -266,11 +266,15 @@ class ShardServer:
             raise ProtocolError("this server has no partition plan yet: send HELLO first", ErrorCode.NO_PLAN)
         proto.check_plan(msg, self.plan.hash)
 
-    def _check_worker(self, w: int, inc: int | None = None) -> None:
+    def _check_worker(self, w: int, inc: int | None = None, to: int | None = None) -> None:
         try:
             self.gate.check_worker(w)
         except ConfigError as exc:
             raise ProtocolError(str(exc)) from None
+        if to is not None and to != self.incarnation:
+            raise ProtocolError(
+                f"request meant for server incarnation {to:#x}; this server restarted as "
+                f"{self.incarnation:#x}: send HELLO and read the weights again", ErrorCode.FENCED)
         if inc is not None:
             known = self.ledger.incarnation(w)
             if known != inc:
@@ -340,7 +344,7 @@ class ShardServer:
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
         self._need_plan(msg)
-        self._check_worker(msg["w"], msg["inc"])
+        self._check_worker(msg["w"], msg["inc"], msg.header.get("to"))
         proto.check_layout(msg, self.store.n, self.plan.frame_elems)
         chunks = proto.payload(msg)
         if self.store.initialized:
@@ -357,7 +361,7 @@ class ShardServer:
     def _on_push(self, ident: bytes, msg: Message) -> None:
         self._need_plan(msg)
         w, seq, clk = msg["w"], msg["seq"], msg["clk"]
-        self._check_worker(w, msg["inc"])
+        self._check_worker(w, msg["inc"], msg.header.get("to"))
         proto.check_layout(msg, self.store.n, self.plan.frame_elems)
         if self.ledger.applied(w, seq):
             self.stats["dup_pushes"] += 1
@@ -412,7 +416,7 @@ class ShardServer:
         if self.rule is None:
             raise ProtocolError("no plan yet: send HELLO first", ErrorCode.NO_PLAN)
         w = msg["w"]
-        self._check_worker(w, msg["inc"])
+        self._check_worker(w, msg["inc"], msg.header.get("to"))
         self.rule.on_clock(w, msg["clk"])
         self._reply(ident, msg, {"min_clock": self.gate.min_clock})
         self._advance_time()
@@ -420,7 +424,7 @@ class ShardServer:
     def _on_heartbeat(self, ident: bytes, msg: Message) -> None:
         w = msg["w"]
         self._check_worker(w, msg["inc"])
-        self._reply(ident, msg, {"min_clock": self.gate.min_clock})
+        self._reply(ident, msg, {"min_clock": self.gate.min_clock, "sinc": self.incarnation})
 
     def _on_stats(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {"stats": self.snapshot_stats()})

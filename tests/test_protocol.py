@@ -67,7 +67,7 @@ HEADERS: dict[MsgType, dict] = {
     MsgType.SHUTDOWN: {"rid": 7},
     MsgType.SHUTDOWN_OK: {"rid": 7},
     MsgType.HEARTBEAT: {"rid": 8, "w": 3, "inc": 1_700_000_000_123},
-    MsgType.HEARTBEAT_OK: {"rid": 8, "min_clock": 5},
+    MsgType.HEARTBEAT_OK: {"rid": 8, "min_clock": 5, "sinc": 42},
     MsgType.REGISTER: {"rid": 9, "role": "worker", "want": -1, "inc": 5, "endpoint": "",
                        "host": "hostA", "pid": 4242, "version": "0.1.0"},
     MsgType.REGISTER_OK: {"rid": 9, "rank": 2, "job": {"num_servers": 2, "staleness": -1}},

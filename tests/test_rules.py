@@ -168,11 +168,13 @@ def _clock(rule, w, clk, g):
     rule.on_clock(w, clk)
 
 
-@pytest.mark.parametrize("send", [_push, _clock], ids=["push", "clock-message"])
-@pytest.mark.parametrize("bad_clk, prepare", [
-    pytest.param(1, [], id="future-clock"),
-    pytest.param(-1, [], id="negative-clock"),
-    pytest.param(0, [0], id="clock-already-completed"),
+@pytest.mark.parametrize("send, bad_clk, prepare", [
+    pytest.param(_push, 1, [], id="push-future-clock"),
+    pytest.param(_push, -1, [], id="push-negative-clock"),
+    pytest.param(_push, 0, [0], id="push-clock-already-completed"),
+    pytest.param(_clock, 1, [], id="clock-message-future-clock"),
+    pytest.param(_clock, -1, [], id="clock-message-negative-clock"),
+    # a repeated CLOCK is a retry and is acknowledged: see the idempotence test below
 ])
 def test_sync_message_for_the_wrong_clock_raises_bad_clock_and_changes_nothing(send, bad_clk, prepare):
     gate, step, rule = sync_rule()
@@ -459,3 +461,12 @@ def test_ledger_with_a_small_bound_stays_bounded_and_never_forgets_a_recorded_se
         ledger.record(0, seq)
         assert len(ledger.state()["0"]["extra"]) <= 4
         assert all(ledger.applied(0, s) for s in seqs[:k + 1])
+
+
+def test_sync_a_retried_clock_message_is_acknowledged_and_changes_nothing():
+    gate, step, rule = sync_rule()
+    rule.on_clock(0, 0)
+    state = (clocks(gate), set(rule._ticked), set(rule._contributors))
+    rule.on_clock(0, 0)
+    assert (clocks(gate), set(rule._ticked), set(rule._contributors)) == state
+    assert step.calls == []

@@ -29,7 +29,8 @@ import zmq
 
 from common import protocol as proto
 from common.config import ClientSettings
-from common.errors import ClosedError, DeadlineExceeded, ProtocolError, ZPSError, remote_error
+from common.errors import ClosedError, DeadlineExceeded, ErrorCode, ProtocolError, ZPSError, remote_error
+from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
 from common.protocol import Message, MsgType
 
@@ -121,7 +122,12 @@ class PSClient:
         self._closed = False
         self._heartbeat_on = False
         self.stats = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "late_replies": 0,
-                      "pushes": 0, "pulls": 0}
+                      "pushes": 0, "pulls": 0, "retries": 0, "send_blocked": 0}
+        self.server_inc: list[int | None] = [None] * len(self.endpoints)
+        self.server_restarts = [0] * len(self.endpoints)
+        self._secure = None  # callable(socket) applying CURVE, set by the owner before start()
+        spec = FaultSpec.parse(self.settings.faults, self.settings.fault_seed)
+        self._faults = FaultInjector(spec, f"w{worker_id}") if spec.active else None
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 10.0) -> "PSClient":
@@ -184,7 +190,12 @@ class PSClient:
                 tracker = zmq.MessageTracker(*data)
         fut: cf.Future = cf.Future()
         t = self.settings.request_timeout if timeout is None else timeout
-        self._ring(("send", server, rid, frames, fut, time.monotonic() + t, msg_type))
+        attempt = self.settings.attempt_timeout
+        if msg_type == MsgType.PULL:  # a parked pull is answered by its deadline at the latest
+            attempt += (header or {}).get("dl", 0) / 1000.0
+        req = _Request(rid, server, frames, fut, t, attempt, msg_type)
+        frames = None
+        self._ring(("send", req))
         return (fut, tracker) if track else fut
 
     def _data_frames(self, arr: np.ndarray, lo: int, hi: int, frame_elems: int) -> list:
@@ -193,6 +204,11 @@ class PSClient:
             return [part[a:b].tobytes() for a, b in frame_slices(hi - lo, frame_elems)]
         return [zmq.Frame(memoryview(part[a:b]), copy=False, track=True)
                 for a, b in frame_slices(hi - lo, frame_elems)]
+
+    def _to(self, k: int) -> dict:
+        """The server incarnation a request is meant for (a restarted server refuses it)."""
+        inc = self.server_inc[k]
+        return {} if inc is None else {"to": inc}
 
     def hello(self, plan: PartitionPlan, timeout: float | None = None) -> list[dict]:
         """Register with every server under ``plan``; return their HELLO_OK headers."""
@@ -211,7 +227,8 @@ class PSClient:
         futs = []
         for k in range(len(self.endpoints)):
             lo, hi = self.plan.range_of(k)
-            head = {"w": self.worker_id, "inc": self.incarnation, "ph": self.plan.hash, "n": hi - lo}
+            head = {"w": self.worker_id, "inc": self.incarnation, "ph": self.plan.hash, "n": hi - lo,
+                    **self._to(k)}
             futs.append(self.request(k, MsgType.INIT, head, self._data_frames(flat, lo, hi, self.plan.frame_elems),
                                      timeout=timeout))
         return [m["accepted"] for m in _wait_all(futs, timeout or self.settings.request_timeout, "init")]
@@ -229,7 +246,7 @@ class PSClient:
         for k in range(len(self.endpoints)):
             lo, hi = self.plan.range_of(k)
             head = {"w": self.worker_id, "inc": self.incarnation, "seq": next(self._seq[k]),
-                    "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick}
+                    "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick, **self._to(k)}
             if read_steps is not None and read_steps[k] >= 0:
                 head["rs"] = int(read_steps[k])
             f, t = self.request(k, MsgType.PUSH, head, self._data_frames(flat_grad, lo, hi, self.plan.frame_elems),
@@ -252,8 +269,9 @@ class PSClient:
 
     def clock(self, clock: int, timeout: float | None = None) -> list[int]:
         """Complete ``clock`` without a push; return each server's min_clock."""
-        head = {"w": self.worker_id, "inc": self.incarnation, "clk": clock}
-        futs = [self.request(k, MsgType.CLOCK, head, timeout=timeout) for k in range(len(self.endpoints))]
+        futs = [self.request(k, MsgType.CLOCK, {"w": self.worker_id, "inc": self.incarnation, "clk": clock,
+                                                **self._to(k)}, timeout=timeout)
+                for k in range(len(self.endpoints))]
         return [m["min_clock"] for m in _wait_all(futs, timeout or self.settings.request_timeout, "clock")]
 
     def server_stats(self, server: int, timeout: float | None = None) -> dict:
@@ -261,32 +279,56 @@ class PSClient:
             timeout or self.settings.request_timeout)["stats"]
 
     # ------------------------------------------------------------ I/O thread
-    def _run(self) -> None:
+    def _socket(self, endpoint: str) -> zmq.Socket:
         t = self.settings.transport
-        socks = []
-        for ep in self.endpoints:
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, int(t.linger * 1000))
-            s.setsockopt(zmq.SNDHWM, t.sndhwm)
-            s.setsockopt(zmq.RCVHWM, t.rcvhwm)
-            s.connect(ep)
-            socks.append(s)
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, int(t.linger * 1000))
+        s.setsockopt(zmq.SNDHWM, t.sndhwm)
+        s.setsockopt(zmq.RCVHWM, t.rcvhwm)
+        # a server that is down is retried by ZeroMQ with capped exponential backoff
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.settings.backoff_max * 1000))
+        if self._secure is not None:
+            self._secure(s)
+        s.connect(endpoint)
+        return s
+
+    def _run(self) -> None:
+        socks = [self._socket(ep) for ep in self.endpoints]
         index = {s: k for k, s in enumerate(socks)}
         poller = zmq.Poller()
         poller.register(self._bell_rx, zmq.POLLIN)
         for s in socks:
             poller.register(s, zmq.POLLIN)
-        pending: dict[int, tuple[cf.Future, int, MsgType]] = {}
-        deadlines: list[tuple[float, int]] = []
+        pending: dict[int, _Request] = {}
+        timers: list[tuple[float, int, int]] = []   # (when, rid, attempt): resend or expire
         next_beat = time.monotonic()
         self._ready.set()
         running = True
+
+        def transmit(req: _Request) -> None:
+            copies, delay = self._faults.plan(req.mtype.name) if self._faults else (1, 0.0)
+            if delay > 0:
+                heapq.heappush(timers, (time.monotonic() + delay, req.rid, -1 - req.attempt))
+                return
+            for _ in range(copies):
+                try:
+                    socks[req.server].send_multipart(req.frames, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    self.stats["send_blocked"] += 1
+            self.stats["bytes_sent"] += req.nbytes * copies
+
+        def schedule(req: _Request) -> None:
+            wait = req.attempt_timeout if req.attempt == 0 else min(
+                self.settings.backoff_max * 4, req.attempt_timeout)
+            heapq.heappush(timers, (min(req.deadline, time.monotonic() + wait), req.rid, req.attempt))
+
         try:
             while running:
                 now = time.monotonic()
                 wake = next_beat if self._heartbeat_on else now + 1.0
-                if deadlines:
-                    wake = min(wake, deadlines[0][0])
+                if timers:
+                    wake = min(wake, timers[0][0])
                 events = dict(poller.poll(max(0, int((wake - now) * 1000) + 1)))
                 if self._bell_rx in events:
                     while True:
@@ -305,23 +347,14 @@ class PSClient:
                         if cmd[0] == "heartbeat":
                             next_beat = time.monotonic()
                             continue
-                        _, k, rid, frames, fut, deadline, mtype = cmd
-                        if not fut.set_running_or_notify_cancel():
-                            continue
-                        try:
-                            socks[k].send_multipart(frames, zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            cmd = frames = None
-                            fut.set_exception(ZPSError(
-                                f"send queue to server {k} ({self.endpoints[k]}) is full; raise sndhwm"))
+                        req = cmd[1]
+                        cmd = None
+                        if not req.future.set_running_or_notify_cancel():
                             continue
                         self.stats["requests"] += 1
-                        self.stats["bytes_sent"] += sum(len(f) for f in frames)
-                        # drop our references: ZeroMQ reports a zero-copy frame as sent
-                        # (its tracker) only once no Python object holds it
-                        cmd = frames = None
-                        pending[rid] = (fut, k, mtype)
-                        heapq.heappush(deadlines, (deadline, rid))
+                        pending[req.rid] = req
+                        transmit(req)
+                        schedule(req)
                 for s in socks:
                     if s not in events:
                         continue
@@ -332,13 +365,33 @@ class PSClient:
                             break
                         self._on_reply(index[s], frames, pending)
                 now = time.monotonic()
-                while deadlines and deadlines[0][0] <= now:
-                    _, rid = heapq.heappop(deadlines)
-                    entry = pending.pop(rid, None)
-                    if entry is not None:
-                        fut, k, mtype = entry
-                        fut.set_exception(DeadlineExceeded(
-                            f"{mtype.name} to server {k} ({self.endpoints[k]}) got no answer in time"))
+                while timers and timers[0][0] <= now:
+                    _, rid, attempt = heapq.heappop(timers)
+                    req = pending.get(rid)
+                    if req is None:
+                        continue
+                    if attempt < 0:        # a send the fault injector held back
+                        if -1 - attempt == req.attempt:
+                            for _ in range(1):
+                                try:
+                                    socks[req.server].send_multipart(req.frames, zmq.NOBLOCK, copy=False)
+                                except zmq.Again:
+                                    self.stats["send_blocked"] += 1
+                        continue
+                    if attempt != req.attempt:
+                        continue
+                    if now >= req.deadline:
+                        del pending[rid]
+                        req.release()
+                        req.future.set_exception(DeadlineExceeded(
+                            f"{req.mtype.name} to server {req.server} ({self.endpoints[req.server]}) got no "
+                            f"answer within {req.timeout:.1f}s after {req.attempt + 1} attempts; "
+                            "is the server running and reachable?"))
+                        continue
+                    req.attempt += 1
+                    self.stats["retries"] += 1
+                    transmit(req)
+                    schedule(req)
                 if self._heartbeat_on and now >= next_beat:
                     next_beat = now + self.settings.heartbeat_interval
                     head = proto.encode(MsgType.HEARTBEAT, {"rid": 0, "w": self.worker_id,
@@ -349,15 +402,18 @@ class PSClient:
                         except zmq.Again:
                             pass
         finally:
-            for fut, k, mtype in pending.values():
-                fut.set_exception(ClosedError(f"client closed before {mtype.name} to server {k} was answered"))
+            for req in pending.values():
+                req.release()
+                req.future.set_exception(ClosedError(
+                    f"client closed before {req.mtype.name} to server {req.server} was answered"))
             while True:
                 try:
                     cmd = self._cmds.get_nowait()
                 except queue.Empty:
                     break
                 if cmd[0] == "send":
-                    cmd[4].set_exception(ClosedError("client closed"))
+                    cmd[1].release()
+                    cmd[1].future.set_exception(ClosedError("client closed"))
             for s in socks:
                 s.close()
             self._bell_rx.close(linger=0)
@@ -369,15 +425,53 @@ class PSClient:
         except ProtocolError as exc:
             log.error("undecodable reply from server %d (%s): %s", k, self.endpoints[k], exc)
             return
-        if msg.rid == 0:  # heartbeat replies
+        if msg.rid == 0:  # heartbeat replies: notice a restarted server
+            if msg.type == MsgType.HEARTBEAT_OK:
+                known = self.server_inc[k]
+                if known is not None and msg["sinc"] != known:
+                    self._fence_server(k, pending, msg["sinc"])
             return
-        entry = pending.pop(msg.rid, None)
-        if entry is None:
+        req = pending.pop(msg.rid, None)
+        if req is None:
             self.stats["late_replies"] += 1
             return
-        fut = entry[0]
+        req.release()
         if msg.type == MsgType.ERROR:
-            fut.set_exception(remote_error(msg["code"], msg["msg"], self.endpoints[k],
-                                           msg.header.get("detail")))
+            req.future.set_exception(remote_error(msg["code"], msg["msg"], self.endpoints[k],
+                                                  msg.header.get("detail")))
         else:
-            fut.set_result(msg)
+            if msg.type == MsgType.HELLO_OK:
+                self.server_inc[k] = msg["sinc"]
+            req.future.set_result(msg)
+
+    def _fence_server(self, k: int, pending: dict, new_inc: int) -> None:
+        """Server k restarted: every request addressed to its old incarnation fails FENCED."""
+        log.warning("server %d (%s) restarted (incarnation %#x -> %#x)", k, self.endpoints[k],
+                    self.server_inc[k], new_inc)
+        self.server_restarts[k] += 1
+        for rid in [r for r, req in pending.items() if req.server == k and req.mtype != MsgType.HELLO]:
+            req = pending.pop(rid)
+            req.release()
+            req.future.set_exception(remote_error(
+                ErrorCode.FENCED, f"server {k} restarted; its previous incarnation's requests are void",
+                self.endpoints[k], {"server": k}))
+
+
+class _Request:
+    """One request in flight: its frames are kept until it is answered, to resend them."""
+
+    __slots__ = ("rid", "server", "frames", "future", "deadline", "timeout", "attempt_timeout",
+                 "attempt", "mtype", "nbytes")
+
+    def __init__(self, rid, server, frames, future, timeout, attempt_timeout, mtype):
+        self.rid, self.server, self.frames, self.future = rid, server, frames, future
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.attempt_timeout = attempt_timeout
+        self.attempt = 0
+        self.mtype = mtype
+        self.nbytes = sum(len(f) for f in frames)
+
+    def release(self) -> None:
+        """Drop the frames: ZeroMQ's tracker reports a zero-copy buffer free only then."""
+        self.frames = None

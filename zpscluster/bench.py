@@ -72,6 +72,8 @@ OP_TIMEOUT = 120.0
 READY_TIMEOUT = 90.0
 #: Small operations per timed call (a call pipelines them at the given depth).
 SMALL_BATCH = 200
+#: Elements of the shard (and of the worker's model) the memory section measures.
+MEMORY_ELEMS = 16 * MI
 
 #: bytes of memory traffic per element (reads + writes) of each update
 TRAFFIC = {"copy": 8, "sgd_momentum": 20, "adam": 28, "adam_torch_flat": 28}
@@ -900,20 +902,31 @@ def peer_worker_memory(cfg: dict) -> None:
     _emit("RESULT", {"baseline_rss": base["VmRSS"], "hwm": st["VmHWM"], "rss": st["VmRSS"], "params": d * d})
 
 
-def bench_memory(b: Bench, sizes: Sequence[int], res: dict) -> None:
+def bench_memory(b: Bench, res: dict) -> None:
     import numpy as np
-    d = math.isqrt(min(16 * MI, max(sizes)))
+    d = math.isqrt(MEMORY_ELEMS)
     n = d * d
     out = res.setdefault("memory", {"elements": n, "notes": (
         "server: peak RSS (VmHWM) minus the RSS read right after its READY line (torch imported, no shard "
         "yet), after 8 serial push+pull rounds under Adam from one PSClient; floor 16 B/element (weights, "
-        "exp_avg, exp_avg_sq, one gradient). worker: PSWorker in a subprocess training a d x d Linear "
-        "for 6 iterations; VmHWM minus its RSS after imports; floor 12 B/parameter (the model's own "
-        "parameters as built, the flat weights, the flat gradients). Each is one measurement.")})
+        "exp_avg, exp_avg_sq, one gradient). fixed_overhead: the same rise for a 64-element shard (what "
+        "the first HELLO costs whatever the size). worker: PSWorker in a subprocess training a d x d "
+        "Linear for 6 iterations; VmHWM minus its RSS after imports; floor 12 B/parameter (the model's "
+        "own parameters as built, the flat weights, the flat gradients). Each is one measurement.")})
     srv = b.server(1, "inf", optimizer="adam", num_workers=2, name="memory-adam")[0]
+    tiny = b.server(1, "inf", optimizer="adam", name="memory-adam-tiny")[0]
     try:
-        ep = b.ready(srv)
-        base = proc_status(srv.pid)["VmRSS"]
+        ep, tiny_ep = b.ready(srv), b.ready(tiny)
+        base, tiny_base = proc_status(srv.pid)["VmRSS"], proc_status(tiny.pid)["VmRSS"]
+        zt = ZpsClient(tiny_ep, 64)
+        try:
+            for _ in range(8):
+                zt.push()
+                zt.pull()
+            fixed = proc_status(tiny.pid)["VmHWM"] - tiny_base
+        finally:
+            zt.close()
+            b.end(tiny)
         rng = np.random.default_rng(0)
         zc = ZpsClient(ep, n, specs=[("weight", (d, d), "float32")], init=rng.standard_normal(n, dtype=np.float32))
         try:
@@ -925,9 +938,11 @@ def bench_memory(b: Bench, sizes: Sequence[int], res: dict) -> None:
             zc.close()
         floor, peak = 16 * n, st["VmHWM"] - base
         out["server"] = {"baseline_rss": base, "hwm": st["VmHWM"], "rss": st["VmRSS"],
-                         "peak_over_baseline": peak, "floor": floor, "ratio": peak / floor}
+                         "peak_over_baseline": peak, "floor": floor, "ratio": peak / floor,
+                         "fixed_overhead": fixed, "ratio_without_fixed_overhead": (peak - fixed) / floor}
         b.progress(f"memory {size_name(n)}: server peak {peak / MI:.0f} MiB over a baseline of {base / MI:.0f} "
-                   f"MiB; floor {floor / MI:.0f} MiB -> {peak / floor:.2f}x")
+                   f"MiB; floor {floor / MI:.0f} MiB -> {peak / floor:.2f}x (size-independent part: "
+                   f"{fixed / MI:.0f} MiB)")
         wk = b.peer("worker_memory", {"endpoints": ep, "d": d, "iters": 6, "worker": 1}, "worker-memory")
         try:
             r = wait_result(wk, 300)
@@ -943,7 +958,7 @@ def bench_memory(b: Bench, sizes: Sequence[int], res: dict) -> None:
                    f"-> {wpeak / wfloor:.2f}x; server after a training PSWorker "
                    f"{(st2['VmHWM'] - base) / floor:.2f}x")
     finally:
-        b.end(srv)
+        b.end(srv, tiny)
 
 
 # =================================================================== 6. train
@@ -1109,6 +1124,7 @@ def compute_ratios(res: dict) -> dict:
     mem = res.get("memory")
     if mem and "server" in mem:
         r["server_memory_vs_floor"] = mem["server"]["ratio"]
+        r["server_memory_vs_floor_without_fixed"] = mem["server"]["ratio_without_fixed_overhead"]
         if "worker" in mem:
             r["worker_memory_vs_floor"] = mem["worker"]["ratio"]
     tr = res.get("train")
@@ -1136,7 +1152,7 @@ def target_status(ratios: dict) -> dict:
 
 def _fmt(v: float, unit: str) -> str:
     if unit == "ops/s":
-        return f"{v:,.0f}"
+        return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
     if unit == "elements/s":
         return f"{v / 1e9:.3f}G"
     if unit == "it/s":
@@ -1190,6 +1206,9 @@ def render_table(res: dict) -> str:
         m = mem.get("server_after_training_worker")
         if m:
             lines.append(f"  server after a PSWorker trained against it: ratio {m['ratio']:.2f}")
+        s = mem["server"]
+        lines.append(f"  server size-independent part {s['fixed_overhead'] / MI:.1f} MiB (first HELLO); "
+                     f"ratio without it {s['ratio_without_fixed_overhead']:.2f}")
     tr = res.get("train")
     if tr:
         lines += ["", "6. End-to-end training", head]
@@ -1334,7 +1353,7 @@ def main(argv: list[str] | None = None) -> int:
         if "update" in sections:
             bench_update(b, opts.sizes, res)
         if "memory" in sections:
-            bench_memory(b, opts.sizes, res)
+            bench_memory(b, res)
         if "train" in sections:
             bench_train(b, res)
     except KeyboardInterrupt:

@@ -1,0 +1,82 @@
+"""``bin/ps-bench --quick`` runs end to end and reports every section and ratio.
+
+It checks the shape of the report, never speeds: this machine is shared and
+its figures are not this test's business (docs/BENCHMARKS.md holds them).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zpscluster.bench import REQUIRED_RATIOS, REQUIRED_SECTIONS
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bin", "ps-bench")
+RUN_TIMEOUT = 280
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--sizes", "1M", "--json", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, f"ps-bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert "Ratios" in proc.stdout, "no table on stdout"
+    assert "[ps-bench" in proc.stderr, "no progress lines on stderr"
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _figure_ok(fig):
+    return all(math.isfinite(fig[k]) and fig[k] > 0 for k in ("median", "min", "max")) and \
+        fig["min"] <= fig["median"] <= fig["max"] and fig["n"] >= 1
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 20)
+def test_quick_run_reports_every_named_ratio_as_a_finite_positive_number(report):
+    missing = [k for k in REQUIRED_RATIOS if k not in report["ratios"]]
+    assert not missing, f"ratios missing: {missing}"
+    bad = {k: v for k, v in report["ratios"].items()
+           if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
+    assert not bad, f"ratios not finite and positive: {bad}"
+    assert set(report["targets"]) == set(REQUIRED_RATIOS)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 20)
+def test_quick_run_holds_every_section_with_its_figures(report):
+    for section in REQUIRED_SECTIONS:
+        assert section in report, f"section {section!r} missing"
+    meta = report["meta"]
+    assert meta["quick"] is True and meta["sizes"] == [1 << 20]
+    assert meta["machine"]["nproc"] >= 1 and meta["machine"]["torch"]
+
+    bulk = report["bulk"]["figures"]["1M"]
+    assert {"zps_s1", "zps_s2", "bare_r1", "bare_r2", "rpc"} <= set(bulk["push"])
+    assert {"zps_s1", "zps_s1_install", "bare_r1", "rpc"} <= set(bulk["pull"])
+    assert {"zps_s1", "gloo_all_reduce"} <= set(bulk["exchange"])
+    small = report["small"]["figures"]
+    assert set(small) == {"push_d1", "push_d8", "pull_d1", "pull_d8", "exchange_d1"}
+    for group in ("push_d1", "push_d8", "pull_d1", "pull_d8"):
+        assert {"zps_s1", "bare", "rpc"} <= set(small[group])
+    update = report["update"]["figures"]
+    assert update, "no update figures"
+    for per_size in update.values():
+        for figs in per_size.values():
+            assert {"copy", "sgd_momentum", "adam"} <= set(figs)
+    for who in ("server", "worker"):
+        m = report["memory"][who]
+        assert m["floor"] > 0 and m["baseline_rss"] > 0 and m["hwm"] >= m["baseline_rss"]
+    for kind in ("conv", "mlp"):
+        assert {"local", "zps_s1", "zps_sinf"} <= set(report["train"][kind]["figures"])
+
+    figures = [f for op in bulk.values() for f in op.values()]
+    figures += [f for g in small.values() for f in g.values()]
+    figures += [f for s in update.values() for figs in s.values() for f in figs.values()]
+    figures += [f for kind in ("conv", "mlp") for f in report["train"][kind]["figures"].values()]
+    bad = [f for f in figures if not _figure_ok(f)]
+    assert not bad, f"figures without a finite positive median/min/max: {bad[:3]}"
