@@ -204,10 +204,21 @@ class ServerSettings:
     dc_lambda: float = setting(0.0, "delay compensation (DC-ASGD) strength lambda; 0 turns it off "
                                     "(costs up to 2 shard copies per worker)")
     max_parked: int = setting(10000, "parked reads at most; more are refused with OVERLOADED")
+    checkpoint_dir: str = setting("", "folder for checkpoints (server-<rank>/ckpt-*); empty: no checkpoints")
+    checkpoint_every_steps: int = setting(0, "checkpoint every N update steps (0: off)")
+    checkpoint_every_seconds: float = setting(0.0, "checkpoint every T seconds (0: off)")
+    checkpoint_keep: int = setting(3, "checkpoints kept per server")
+    restore: bool = setting(False, "resume from the newest complete checkpoint in checkpoint_dir")
+    checkpoint_pause: float = setting(0.0, "testing only: seconds to pause between checkpoint files")
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
     def __post_init__(self):
         object.__setattr__(self, "staleness", parse_staleness(self.staleness))
+        if self.restore and not self.checkpoint_dir:
+            raise ConfigError("--restore needs --checkpoint-dir (the folder the checkpoints are in)")
+        for name in ("checkpoint_every_steps", "checkpoint_every_seconds", "checkpoint_pause"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("checkpoint_keep", self.checkpoint_keep)
         _positive("num_servers", self.num_servers)
         _positive("num_workers", self.num_workers)
         limit = 1 << 16 if self.coordinator else self.num_servers  # the coordinator sets the count

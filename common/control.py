@@ -28,6 +28,30 @@ log = logging.getLogger("zps.control")
 VERSION = "0.1.0"
 
 
+def request_once(endpoint: str, msg_type: MsgType, header: dict | None = None, timeout: float = 10.0,
+                 ctx: zmq.Context | None = None, secure=None) -> Message:
+    """One request to any zps endpoint (server or coordinator) on a fresh socket."""
+    own = ctx is None
+    ctx = ctx or zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if secure is not None:
+            secure(sock)
+        sock.connect(endpoint)
+        sock.send_multipart(proto.encode(msg_type, {"rid": 1, **(header or {})}))
+        if not sock.poll(int(timeout * 1000)):
+            raise DeadlineExceeded(f"{endpoint} did not answer {msg_type.name} within {timeout:.0f}s")
+        reply = proto.decode(sock.recv_multipart())
+        if reply.type == MsgType.ERROR:
+            raise remote_error(reply["code"], reply["msg"], endpoint, reply.header.get("detail"))
+        return reply
+    finally:
+        sock.close(linger=0)
+        if own:
+            ctx.term()
+
+
 class CoordinatorLink:
     """Talks to the coordinator for one role process."""
 

@@ -15,7 +15,7 @@ last one shorter; zero elements travel as zero frames::
 Requests and their replies (every request gets its reply or an ERROR):
 
     type        dir  header keys (besides v, t, rid)          data
-    HELLO       w->s w, inc, plan, ph                          -
+    HELLO       w->s w, inc, plan, ph, [clk]                   -
     HELLO_OK    s->w rank, lo, hi, ph, step, min_clock,        -
                      start_clock, initialized, sinc, staleness
     INIT        w->s w, inc, ph, n                             range
@@ -96,6 +96,8 @@ class MsgType(enum.IntEnum):
     STATUS_OK = 31
     ECHO = 32
     ECHO_OK = 33
+    CHECKPOINT = 34
+    CHECKPOINT_OK = 35
     ERROR = 127
 
 
@@ -105,6 +107,7 @@ REQUEST_TYPES = frozenset({
     MsgType.HELLO, MsgType.INIT, MsgType.PUSH, MsgType.PULL, MsgType.CLOCK,
     MsgType.STATS, MsgType.SHUTDOWN, MsgType.HEARTBEAT, MsgType.REGISTER,
     MsgType.ADDRESSES, MsgType.BARRIER, MsgType.BEAT, MsgType.DONE, MsgType.STATUS, MsgType.ECHO,
+    MsgType.CHECKPOINT,
 })
 REPLY_TO = {
     MsgType.HELLO: MsgType.HELLO_OK, MsgType.INIT: MsgType.INIT_OK,
@@ -114,6 +117,7 @@ REPLY_TO = {
     MsgType.REGISTER: MsgType.REGISTER_OK, MsgType.ADDRESSES: MsgType.ADDRESSES_OK,
     MsgType.BARRIER: MsgType.BARRIER_OK, MsgType.BEAT: MsgType.BEAT_OK,
     MsgType.DONE: MsgType.DONE_OK, MsgType.STATUS: MsgType.STATUS_OK, MsgType.ECHO: MsgType.ECHO_OK,
+    MsgType.CHECKPOINT: MsgType.CHECKPOINT_OK,
 }
 
 _U64 = (0, (1 << 64) - 1)
@@ -156,12 +160,15 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
     MsgType.STATUS_OK: {"status": dict},
     MsgType.ECHO: {"n": int},
     MsgType.ECHO_OK: {"n": int, "time": float},
+    MsgType.CHECKPOINT: {},
+    MsgType.CHECKPOINT_OK: {"path": str, "step": int},
     MsgType.ERROR: {"code": int, "msg": str},
 }
 #: Optional keys: PULL "dl" (deadline, ms, > 0); ERROR "detail" (map).
 OPTIONAL: dict[MsgType, dict[str, type]] = {
     MsgType.PULL: {"dl": int},
     MsgType.PUSH: {"rs": int, "to": int},
+    MsgType.HELLO: {"clk": int},
     MsgType.INIT: {"to": int},
     MsgType.CLOCK: {"to": int},
     MsgType.ADDRESSES: {"dl": int},

@@ -254,6 +254,23 @@ class CurveKeys:
                    client_name=name, client_public=client_public, client_secret=client_secret,
                    authorized=allow if os.path.isdir(allow) else None)
 
+    @classmethod
+    def from_setting(cls, folder: str, *, serve: bool = False, connect: bool = False) -> "CurveKeys | None":
+        """A role's keys from its ``curve_keys`` setting: None when empty (CURVE off).
+
+        ``serve``: the role binds (coordinator, server); ``connect``: it
+        connects (worker, a server's coordinator link).  What the role needs
+        is checked here, so a missing file fails at start-up, naming it.
+        """
+        if not folder:
+            return None
+        keys = cls.load(folder)
+        if serve:
+            keys.require_server()
+        if connect:
+            keys.require_client()
+        return keys
+
     @staticmethod
     def _load_client(folder: str, client) -> tuple[str | None, bytes | None, bytes | None]:
         if client is None:

@@ -43,11 +43,21 @@ def server_main(argv: list[str] | None = None) -> int:
     import zmq
 
     from common.control import CoordinatorLink
-    from common.transport import advertised_endpoint, bound_endpoint, make_router, warn_if_exposed
+    from common.transport import advertised_endpoint, bound_endpoint, make_router, port_of, warn_if_exposed
     from ps.server import ShardServer  # torch import is slow: after argument errors
 
     ctx = zmq.Context()
     link = None
+    if settings.restore and port_of(settings.bind) == 0:
+        # take over the previous incarnation's address so workers reconnect by themselves
+        from ps import checkpoint as ckpt
+
+        want_rank = settings.rank
+        prev = ckpt.latest(settings.checkpoint_dir, want_rank)
+        if prev is not None:
+            meta, _ = ckpt.read(prev, verify=False)
+            settings = dataclasses.replace(settings, bind=meta.get("settings", {}).get("bind_endpoint")
+                                           or meta.get("endpoint", settings.bind))
     try:
         try:
             sock = make_router(ctx, settings.bind, settings.transport)
@@ -57,7 +67,7 @@ def server_main(argv: list[str] | None = None) -> int:
         endpoint = advertised_endpoint(bound, settings.advertise)
         warn_if_exposed(bound, curve=False)
         if settings.coordinator:
-            link = CoordinatorLink(settings.coordinator, "server", ctx)
+            link = CoordinatorLink(settings.coordinator, "server", ctx, timeout=120)
             try:
                 rank, job = link.register(settings.rank if _rank_given(ns) else -1, endpoint)
             except ZPSError as exc:
@@ -66,7 +76,11 @@ def server_main(argv: list[str] | None = None) -> int:
             settings = _coordinated(settings, rank, job)
             logging.getLogger().handlers[0].setFormatter(logging.Formatter(
                 f"%(asctime)s server[{rank}] %(levelname)s %(name)s: %(message)s"))
-        server = ShardServer(settings, ctx, sock=sock)
+        try:
+            server = ShardServer(settings, ctx, sock=sock)
+        except (ConfigError, OSError) as exc:
+            sock.close(linger=0)
+            return fail(str(exc), 1)
         stop = on_stop_signal(lambda signum: server.request_stop())
         server.run_in_background()
         if link is not None:

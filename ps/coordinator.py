@@ -71,6 +71,7 @@ class Coordinator:
         self.started = now
         self._done_at: float | None = None
         self._parked_addr: list[tuple[bytes, int, float]] = []
+        self._parked_reg: list[tuple[bytes, Message, float]] = []
         self._barriers: dict[str, dict] = {}
         self.sock = make_router(self.ctx, settings.bind, settings.transport)
         self.endpoint = bound_endpoint(self.sock)
@@ -133,6 +134,19 @@ class Coordinator:
         rec = {"t": round(self._clock() - self.started, 3), "event": kind, "role": role, "rank": rank, **extra}
         self.events.append(rec)
 
+    def _retry_registrations(self, now: float) -> None:
+        parked, self._parked_reg = self._parked_reg, []
+        for ident, msg, deadline in parked:
+            m = self._member(msg["role"], msg["want"])
+            if not m.live or m.done:
+                self._on_register(ident, msg)
+            elif now >= deadline:
+                self._error(ident, msg.rid, ErrorCode.OVERLOADED,
+                            f"{msg['role']} rank {msg['want']} is held by a live process (pid {m.pid} on "
+                            f"{m.host}); stop it first")
+            else:
+                self._parked_reg.append((ident, msg, deadline))
+
     def _advance(self, now: float) -> None:
         timeout = self.job.worker_timeout
         for role in ROLES:
@@ -143,6 +157,8 @@ class Coordinator:
                     log.warning("%s %d (%s pid %d) missed heartbeats for %.1fs: declared dead",
                                 role, m.rank, m.host, m.pid, timeout)
                     self._event("lost", role, m.rank)
+        if self._parked_reg:
+            self._retry_registrations(now)
         if self.state == "waiting" and all(m.registered for r in ROLES for m in self.members[r]):
             self.state = "running"
             log.info("all %d servers and %d workers registered", self.job.num_servers, self.job.num_workers)
@@ -225,8 +241,13 @@ class Coordinator:
         if want >= 0:
             m = self._member(role, want)
             if m.registered and m.live and m.inc != inc and not m.done:
-                raise ProtocolError(f"{role} rank {want} is held by a live process "
-                                    f"(pid {m.pid} on {m.host}); stop it first or wait for its timeout")
+                # the previous holder may have just died: wait (bounded) until it is declared dead
+                deadline = self._clock() + 2 * self.job.worker_timeout + 5
+                self._parked_reg.append((ident, msg, deadline))
+                log.info("%s rank %d asked for by pid %d on %s is still held by pid %d on %s; "
+                         "waiting up to %.0fs for its heartbeats to stop", role, want, msg["pid"], msg["host"],
+                         m.pid, m.host, deadline - self._clock())
+                return
         else:
             m = next((x for x in group if x.registered and x.inc == inc), None) \
                 or next((x for x in group if not x.registered), None) \

@@ -234,3 +234,11 @@ class PushLedger:
     def state(self) -> dict:
         return {str(w): {"inc": self._inc[w], "mark": self._mark.get(w, -1),
                          "extra": sorted(self._extra.get(w, ()))} for w in self._inc}
+
+    def load(self, state: dict) -> None:
+        """Restore :meth:`state` (from a checkpoint)."""
+        for key, st in state.items():
+            w = int(key)
+            self._inc[w] = int(st["inc"])
+            self._mark[w] = int(st["mark"])
+            self._extra[w] = set(int(x) for x in st["extra"])

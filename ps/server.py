@@ -32,6 +32,7 @@ from common.config import ServerSettings, describe, staleness_to_wire
 from common.errors import ConfigError, ErrorCode, ProtocolError
 from common.plan import PartitionPlan
 from common.protocol import Message, MsgType
+from ps import checkpoint as ckpt
 from ps.optim import OptimizerSpec, ShardOptimizer
 from ps.rules import ApplyOnArrival, DelayCompensation, PushLedger, SyncAveraging
 from ps.shard import ShardStore
@@ -69,9 +70,14 @@ class ShardServer:
             "errors": {}, "bytes_in": 0, "bytes_out": 0, "parked_total": 0,
             "expired_reads": 0, "unroutable": 0, "send_blocked": 0, "dead_workers": [],
             "update_staleness": {},
+            "checkpoints": 0, "checkpoint_seconds": 0.0,
         }
         self._stopping = False
         self._closed = False
+        self._last_ckpt_time = clock()
+        self._last_ckpt_step = 0
+        self.last_checkpoint = ""
+        self.restored_from = ""
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._done = threading.Event()
@@ -86,6 +92,8 @@ class ShardServer:
         self._wake_tx.setsockopt(zmq.LINGER, 0)
         self._wake_tx.connect(self._wake_addr)
         self._wake_lock = threading.Lock()
+        if settings.restore:
+            self._restore()
 
     # ------------------------------------------------------------ lifecycle
     def run_in_background(self) -> "ShardServer":
@@ -167,7 +175,13 @@ class ShardServer:
                         if self._stopping:
                             break
                 self._advance_time()
+                every = self.settings.checkpoint_every_seconds
+                if every and self._clock() - self._last_ckpt_time >= every and \
+                        self.optimizer is not None and self.optimizer.steps != self._last_ckpt_step:
+                    self._checkpoint_safely("every %.0fs" % every)
         finally:
+            if self.settings.checkpoint_dir and self._initialized:
+                self._checkpoint_safely("shutdown")
             for token in self.gate.drain():
                 ident, rid = token[0], token[1]
                 self._send(ident, proto.error_frames(rid, ErrorCode.SHUTTING_DOWN, "server is stopping"))
@@ -311,6 +325,12 @@ class ShardServer:
         if self.ledger.incarnation(w) != inc:
             self.ledger.reset(w, inc)
         start = self.gate.join(w, inc, self._clock())
+        claimed = msg.header.get("clk")
+        if claimed is not None and claimed > start and self.settings.staleness != 0:
+            # a worker rejoining a restored server: its updates for the clocks since the
+            # checkpoint were lost with the old incarnation and will not come again
+            self.gate.advance(w, claimed)
+            start = claimed
         if was_dead or self.ledger.incarnation(w) != inc:
             start = self.rule.rejoin_clock(w, start)
         if was_dead:
@@ -341,6 +361,72 @@ class ShardServer:
     def _apply_step(self, grads, lr_scale: float) -> None:
         self.optimizer.step(grads, lr_scale)
         self.store.version += 1
+        n = self.settings.checkpoint_every_steps
+        if n and self.settings.checkpoint_dir and self.optimizer.steps % n == 0:
+            self.checkpoint("every %d steps" % n)
+
+    # ------------------------------------------------------------ durability
+    def checkpoint(self, reason: str) -> str:
+        """Write an atomic checkpoint of everything needed to resume; return its folder."""
+        if not self.settings.checkpoint_dir or not self._initialized:
+            return ""
+        t0 = time.monotonic()
+        arrays = {"weights": self.store.array}
+        opt = self.optimizer.state_dict()
+        for kind, buf in opt["buffers"].items():
+            arrays[f"opt-{kind}"] = buf.numpy()
+        meta = {
+            "plan": self.plan.to_wire(), "plan_hash": self.plan.hash,
+            "optimizer": {k: v for k, v in opt.items() if k != "buffers"},
+            "clocks": [st.clock for st in self.gate.workers],
+            "live": [st.live for st in self.gate.workers],
+            "incarnations": [st.incarnation for st in self.gate.workers],
+            "ledger": self.ledger.state(), "server_incarnation": self.incarnation,
+            "endpoint": self.endpoint, "settings": describe(self.settings),
+            "min_clock": self.gate.min_clock, "reason": reason,
+        }
+        path = ckpt.write(self.settings.checkpoint_dir, self.settings.rank, self.optimizer.steps, arrays, meta,
+                          keep=self.settings.checkpoint_keep, pause_between_files=self.settings.checkpoint_pause)
+        dt = time.monotonic() - t0
+        self.stats["checkpoints"] += 1
+        self.stats["checkpoint_seconds"] += dt
+        self._last_ckpt_time = self._clock()
+        self._last_ckpt_step = self.optimizer.steps
+        self.last_checkpoint = path
+        log.info("server %d checkpoint at step %d (%s) in %.3fs: %s", self.settings.rank,
+                 self.optimizer.steps, reason, dt, path)
+        return path
+
+    def _restore(self) -> None:
+        path = ckpt.latest(self.settings.checkpoint_dir, self.settings.rank)
+        if path is None:
+            raise ConfigError(f"--restore: no complete checkpoint in "
+                              f"{ckpt.server_dir(self.settings.checkpoint_dir, self.settings.rank)}")
+        meta, arrays = ckpt.read(path)
+        plan = PartitionPlan.from_wire(meta["plan"])
+        if plan.num_servers != self.settings.num_servers or meta["rank"] != self.settings.rank:
+            raise ConfigError(f"checkpoint {path} belongs to server {meta['rank']} of {plan.num_servers}, "
+                              f"not {self.settings.rank} of {self.settings.num_servers}")
+        if len(meta["clocks"]) != self.settings.num_workers:
+            raise ConfigError(f"checkpoint {path} has {len(meta['clocks'])} workers, the job {self.settings.num_workers}")
+        self._adopt(plan)
+        weights = arrays["weights"]
+        if weights.shape != (self.store.n,):
+            raise ConfigError(f"checkpoint {path}: weights hold {weights.shape}, the plan {self.store.n}")
+        self.store.set_from([weights[a:b] for a, b in plan.frames_of(self.settings.rank)])
+        opt = dict(meta["optimizer"])
+        opt["buffers"] = {k[4:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("opt-")}
+        self.optimizer.load_state_dict(opt)
+        now = self._clock()
+        for st, clk, inc in zip(self.gate.workers, meta["clocks"], meta["incarnations"]):
+            st.clock, st.incarnation, st.last_seen, st.live = clk, inc, now, True
+        self.ledger.load(meta["ledger"])
+        self._last_ckpt_step = self.optimizer.steps
+        self.restored_from = path
+        self.stats["restored_from"] = path
+        self.stats["restored_step"] = self.optimizer.steps
+        log.info("server %d restored step %d from %s (new incarnation %#x)", self.settings.rank,
+                 self.optimizer.steps, path, self.incarnation)
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
         self._need_plan(msg)
@@ -429,6 +515,25 @@ class ShardServer:
     def _on_stats(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {"stats": self.snapshot_stats()})
 
+    def _checkpoint_safely(self, reason: str) -> str:
+        try:
+            return self.checkpoint(reason)
+        except Exception as exc:  # a full disk must not kill the server; say so loudly
+            log.error("server %d: checkpoint (%s) failed: %s", self.settings.rank, reason, exc)
+            self.stats["errors"]["CHECKPOINT_FAILED"] = self.stats["errors"].get("CHECKPOINT_FAILED", 0) + 1
+            return ""
+
+    def _on_checkpoint(self, ident: bytes, msg: Message) -> None:
+        if not self.settings.checkpoint_dir:
+            raise ProtocolError("this server has no --checkpoint-dir", ErrorCode.MALFORMED)
+        if not self._initialized:
+            raise ProtocolError("nothing to checkpoint yet: no weights", ErrorCode.NOT_INITIALIZED)
+        try:
+            path = self.checkpoint("requested")
+        except OSError as exc:
+            raise ProtocolError(f"checkpoint failed: {exc}", ErrorCode.INTERNAL) from None
+        self._reply(ident, msg, {"path": path, "step": self.optimizer.steps})
+
     def _on_echo(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {"n": msg["n"], "time": time.time()}, msg.frames)
 
@@ -441,6 +546,7 @@ class ShardServer:
         MsgType.HELLO: _on_hello, MsgType.INIT: _on_init, MsgType.PUSH: _on_push,
         MsgType.PULL: _on_pull, MsgType.CLOCK: _on_clock, MsgType.HEARTBEAT: _on_heartbeat,
         MsgType.STATS: _on_stats, MsgType.SHUTDOWN: _on_shutdown, MsgType.ECHO: _on_echo,
+        MsgType.CHECKPOINT: _on_checkpoint,
     }
 
     def snapshot_stats(self) -> dict:
@@ -462,6 +568,7 @@ class ShardServer:
             "live": [st.live for st in self.gate.workers],
             "parked": self.gate.parked,
             "snapshot_bytes": self.store.snapshots.nbytes() if self.store else 0,
+            "last_checkpoint": self.last_checkpoint,
             "settings": describe(self.settings),
         })
         return s

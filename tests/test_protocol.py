@@ -83,6 +83,8 @@ HEADERS: dict[MsgType, dict] = {
     MsgType.STATUS_OK: {"rid": 14, "status": {"state": "running"}},
     MsgType.ECHO: {"rid": 15, "n": N},
     MsgType.ECHO_OK: {"rid": 15, "n": N, "time": 1_790_000_000.25},
+    MsgType.CHECKPOINT: {"rid": 16},
+    MsgType.CHECKPOINT_OK: {"rid": 16, "path": "/ckpt/server-0/ckpt-000000000120-000003", "step": 120},
     MsgType.ERROR: {"rid": 4, "code": int(ErrorCode.STALE_TIMEOUT),
                     "msg": "read at clock 6 not served within 30000 ms",
                     "detail": {"blockers": [0, 2]}},

@@ -20,6 +20,15 @@ from worker.workloads import (WORKLOADS, CharLM, LinearRegression, Workload, Wor
 NAMES = sorted(WORKLOADS)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and lose much when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def workloads() -> dict[str, Workload]:
     """One default workload per name, shared by the read-only tests of this module."""
@@ -221,6 +230,25 @@ def test_charlm_batches_are_bytes_with_targets_shifted_by_one(workloads):
     assert x.dtype == y.dtype == torch.int64
     assert 0 <= int(x.min()) and int(x.max()) < CharLM.VOCAB
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_charlm_predictions_do_not_see_later_bytes_in_training_or_evaluation(workloads):
+    wl = workloads["charlm"]
+    model = wl.build_model()
+    x, _ = next(wl.batches(0, 1, batch_size=4))
+    changed = x.clone()
+    changed[:, 40:] = (changed[:, 40:] + 1) % CharLM.VOCAB
+    for train_mode in (True, False):
+        model.train(train_mode)
+        with torch.no_grad():
+            a, b = model(x), model(changed)
+        assert torch.allclose(a[:, :40], b[:, :40], atol=1e-5)
+        assert not torch.allclose(a[:, 40:], b[:, 40:])
+    with torch.no_grad():                      # eval mode (torch's fast path) agrees with train mode
+        model.eval()
+        fast = model(x)
+        model.train()
+        assert torch.allclose(fast, model(x), atol=1e-4)
 
 
 # --------------------------------------------------------------------------- loss and metrics

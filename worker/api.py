@@ -146,7 +146,8 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
         servers = link.addresses(timeout)
         link.start_heartbeats(job.heartbeat_interval)
         cs = settings or ClientSettings(read_timeout=job.read_timeout, heartbeat_interval=job.heartbeat_interval,
-                                        frame_elems=job.frame_elems)
+                                        frame_elems=job.frame_elems, faults=job.faults,
+                                        fault_seed=job.seed * 1000 + max(got, 0))
         pw = PSWorker(model, servers, got, settings=cs, incarnation=link.inc)
         pw.start(timeout)
     except BaseException:

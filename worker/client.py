@@ -210,11 +210,17 @@ class PSClient:
         inc = self.server_inc[k]
         return {} if inc is None else {"to": inc}
 
-    def hello(self, plan: PartitionPlan, timeout: float | None = None) -> list[dict]:
-        """Register with every server under ``plan``; return their HELLO_OK headers."""
+    def hello(self, plan: PartitionPlan, timeout: float | None = None, clock: int | None = None) -> list[dict]:
+        """Register with every server under ``plan``; return their HELLO_OK headers.
+
+        ``clock`` (on a rejoin) is the clock this worker has reached: a server
+        restored from an older checkpoint stops waiting for its lost updates.
+        """
         if plan.num_servers != len(self.endpoints):
             raise ValueError(f"plan is cut for {plan.num_servers} servers, client has {len(self.endpoints)}")
         head = {"w": self.worker_id, "inc": self.incarnation, "plan": plan.to_wire(), "ph": plan.hash}
+        if clock is not None:
+            head["clk"] = clock
         futs = [self.request(k, MsgType.HELLO, head, timeout=timeout) for k in range(len(self.endpoints))]
         replies = [m.header for m in _wait_all(futs, timeout or self.settings.request_timeout, "hello")]
         self.plan = plan

@@ -68,6 +68,7 @@ class PSWorker:
         self._pushes: collections.deque[PushHandle] = collections.deque()
         self.started = False
         self.rejoins = 0
+        self.stats = {"pushes_acked": 0, "pushes_fenced": 0}
 
     @property
     def plan(self):
@@ -114,7 +115,23 @@ class PSWorker:
         self._step = sum(self._read_steps)
 
     def read(self, timeout: float | None = None) -> ReadRecord:
-        """Make the model's weights valid for the current clock; record the read."""
+        """Make the model's weights valid for the current clock; record the read.
+
+        A server that restarted (from a checkpoint) fences the requests meant
+        for its previous incarnation; the worker then says HELLO again and
+        reads anew (up to 3 times per read).
+        """
+        for attempt in range(4):
+            try:
+                return self._read(timeout)
+            except RemoteError as exc:
+                if exc.code != ErrorCode.FENCED or attempt == 3:
+                    raise
+                self._pull = None
+                self._rejoin(exc)
+        raise AssertionError("unreachable")
+
+    def _read(self, timeout: float | None) -> ReadRecord:
         self._raise_push_errors()
         c = self.clock
         t0 = time.monotonic()
@@ -178,20 +195,23 @@ class PSWorker:
         """Wait for one push's acknowledgements; rejoin if a server fenced us."""
         try:
             handle.wait(timeout)
+            self.stats["pushes_acked"] += 1
         except RemoteError as exc:
             if exc.code != ErrorCode.FENCED:
                 raise
+            self.stats["pushes_fenced"] += 1
             self._rejoin(exc)
 
     def _rejoin(self, why: Exception) -> None:
         """A server declared this worker dead: register again and continue from its start clock."""
-        for h in self._pushes:  # pushes after the fenced one were fenced too
+        for h in self._pushes:  # pushes after the fenced one: acknowledged or fenced too
             try:
                 h.wait(self.settings.request_timeout)
+                self.stats["pushes_acked"] += 1
             except RemoteError:
-                pass
+                self.stats["pushes_fenced"] += 1
         self._pushes.clear()
-        replies = self.client.hello(self.plan)
+        replies = self.client.hello(self.plan, clock=self.clock)
         old = self.clock
         self.clock = max(self.clock, max(r["start_clock"] for r in replies))
         self._stamp = -(1 << 62)

@@ -71,12 +71,13 @@ OP_TIMEOUT = 120.0
 #: Seconds a helper process may take to print READY.
 READY_TIMEOUT = 90.0
 #: Small operations per timed call (a call pipelines them at the given depth).
-SMALL_BATCH = 200
+SMALL_BATCH = 64
 #: Elements of the shard (and of the worker's model) the memory section measures.
 MEMORY_ELEMS = 16 * MI
 
 #: bytes of memory traffic per element (reads + writes) of each update
-TRAFFIC = {"copy": 8, "sgd_momentum": 20, "adam": 28, "adam_torch_flat": 28}
+TRAFFIC = {"copy": 8, "sgd_momentum": 20, "adam": 28, "adam_torch_flat": 28, "sgd_plain": 12,
+           "finite_check": 4}
 
 #: target of each headline ratio
 TARGETS = {
@@ -735,7 +736,7 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
                         if chunk >= nbytes and vname.startswith("4MiB"):
                             continue  # same as the 1 MiB variant's single message
                         trial[f"r{r}/{vname}"] = bc[r].cand(op, nbytes, chunk, depth, multi, data, gb, "GB/s")
-                figs = interleaved(trial, max(2, o.reps // 3), 1, o.min_rep_s)
+                figs = interleaved(trial, 1 if o.quick else 2, 1, o.min_rep_s)
                 for r in (1, 2):
                     mine = {k.split("/", 1)[1]: f["median"] for k, f in figs.items() if k.startswith(f"r{r}/")}
                     v = max(mine, key=mine.get)
@@ -750,7 +751,8 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
                 return bc[r].cand(op, nbytes, v[1], v[2], v[3], data, gb, "GB/s")
 
             # -- zps: fresh servers per size (a server adopts one plan)
-            jobs = {"s1": b.server(1, "inf", name=f"bulk{key}-s1"), "s2": b.server(2, "inf", name=f"bulk{key}-s2")}
+            jobs = {"s1": b.server(1, "inf", name=f"bulk{key}-s1"),
+                    "s2": b.server(2, "inf", name=f"bulk{key}-s2")}
             if o.what_if:
                 jobs["s1_t1"] = b.server(1, "inf", name=f"bulk{key}-s1t1", one_thread=True)
             clients: dict[str, ZpsClient] = {}
@@ -778,7 +780,6 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
                 for c in clients.values():
                     c.close()
                 b.end(*itertools.chain.from_iterable(jobs.values()))
-            del data
     finally:
         for c in bc.values():
             c.close()
@@ -838,13 +839,15 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
     default_threads = torch.get_num_threads()
     out = res.setdefault("update", {
         "sizes": usizes, "default_threads": default_threads, "unit": "elements/s",
-        "traffic_bytes_per_element": dict(TRAFFIC, sgd_plain=12), "chunk_elems": DEFAULT_FRAME_ELEMS,
+        "traffic_bytes_per_element": TRAFFIC, "chunk_elems": DEFAULT_FRAME_ELEMS,
         "figures": {},
         "notes": "in this process; threads = torch intra-op threads (a ps-server runs torch's default, "
                  f"{default_threads} here). copy = dst.copy_(src) of 1-D fp32; sgd_momentum / adam = "
                  "ShardOptimizer.step over the shard cut in wire chunks; adam_torch_flat = fused "
                  "torch.optim.Adam on one flat parameter. Traffic counts reads + writes: copy 8 B, "
-                 "SGD-momentum 20 B (read w, g, buf; write w, buf), Adam 28 B (read w, g, m, v; write w, m, v)."})
+                 "SGD-momentum 20 B (read w, g, buf; write w, buf), Adam 28 B (read w, g, m, v; write w, m, v). "
+                 "Diagnostics of the bulk push path: sgd_plain = the plain SGD step a push applies (12 B), "
+                 "finite_check = the server's per-frame float(g.sum()) NaN/inf test (4 B)."})
     thread_counts = [default_threads] + ([1] if default_threads != 1 else [])
     try:
         for threads in thread_counts:
@@ -855,6 +858,7 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
                 dst = torch.empty(n)
                 chunks = [src[a:b] for a, b in frame_slices(n, DEFAULT_FRAME_ELEMS)]
                 sgd = ShardOptimizer(torch.zeros(n), OptimizerSpec("sgd", LR, momentum=0.9), DEFAULT_FRAME_ELEMS)
+                plain = ShardOptimizer(torch.zeros(n), OptimizerSpec("sgd", LR), DEFAULT_FRAME_ELEMS)
                 adam = ShardOptimizer(torch.zeros(n), OptimizerSpec("adam", 1e-3), DEFAULT_FRAME_ELEMS)
                 flat_p = torch.zeros(n, requires_grad=True)
                 flat_p.grad = src
@@ -862,14 +866,17 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
                 cands = {"copy": local(lambda: dst.copy_(src), n, "elements/s"),
                          "sgd_momentum": local(lambda: sgd.step(chunks), n, "elements/s"),
                          "adam": local(lambda: adam.step(chunks), n, "elements/s"),
-                         "adam_torch_flat": local(raw.step, n, "elements/s")}
+                         "adam_torch_flat": local(raw.step, n, "elements/s"),
+                         "sgd_plain": local(lambda: plain.step(chunks), n, "elements/s"),
+                         "finite_check": local(lambda: math.isfinite(sum(float(g.sum()) for g in chunks)),
+                                               n, "elements/s")}
                 figs = interleaved(cands, o.reps, o.warmup, o.min_rep_s)
                 for name, f in figs.items():
                     f["traffic_GBps"] = f["median"] * TRAFFIC[name] / 1e9
                 b.progress(f"update {key}, {threads} thread(s): " + ", ".join(
-                    f"{name} {f['median'] / 1e9:.2f} G el/s = {f['traffic_GBps']:.1f} GB/s" for name, f in figs.items()))
+                    f"{name} {f['median'] / 1e9:.2f} G el/s = {f['traffic_GBps']:.1f} GB/s"
+                    for name, f in figs.items()))
                 out["figures"].setdefault(f"threads{threads}", {})[key] = figs
-                del raw, flat_p, sgd, adam
     finally:
         torch.set_num_threads(default_threads)
 
@@ -904,15 +911,17 @@ def peer_worker_memory(cfg: dict) -> None:
 
 def bench_memory(b: Bench, res: dict) -> None:
     import numpy as np
+    o = b.opts
     d = math.isqrt(MEMORY_ELEMS)
     n = d * d
     out = res.setdefault("memory", {"elements": n, "notes": (
-        "server: peak RSS (VmHWM) minus the RSS read right after its READY line (torch imported, no shard "
-        "yet), after 8 serial push+pull rounds under Adam from one PSClient; floor 16 B/element (weights, "
-        "exp_avg, exp_avg_sq, one gradient). fixed_overhead: the same rise for a 64-element shard (what "
-        "the first HELLO costs whatever the size). worker: PSWorker in a subprocess training a d x d "
-        "Linear for 6 iterations; VmHWM minus its RSS after imports; floor 12 B/parameter (the model's "
-        "own parameters as built, the flat weights, the flat gradients). Each is one measurement.")})
+        "server: peak RSS (VmHWM) minus the RSS read right after its READY line (torch imported, no "
+        "shard yet), after serial push+pull rounds (8; --quick 4) under Adam from one PSClient; floor "
+        "16 B/element (weights, exp_avg, exp_avg_sq, one gradient). fixed_overhead: the same rise for a "
+        "64-element shard (what the first HELLO costs whatever the size). worker: PSWorker in a "
+        "subprocess training a d x d Linear (6 iterations; --quick 2); VmHWM minus its RSS after "
+        "imports; floor 12 B/parameter (the model's own parameters as built, the flat weights, the "
+        "flat gradients). Each is one measurement.")})
     srv = b.server(1, "inf", optimizer="adam", num_workers=2, name="memory-adam")[0]
     tiny = b.server(1, "inf", optimizer="adam", name="memory-adam-tiny")[0]
     try:
@@ -930,7 +939,7 @@ def bench_memory(b: Bench, res: dict) -> None:
         rng = np.random.default_rng(0)
         zc = ZpsClient(ep, n, specs=[("weight", (d, d), "float32")], init=rng.standard_normal(n, dtype=np.float32))
         try:
-            for _ in range(8):
+            for _ in range(o.memory_rounds):
                 zc.push()
                 zc.pull()
             st = proc_status(srv.pid)
@@ -943,7 +952,8 @@ def bench_memory(b: Bench, res: dict) -> None:
         b.progress(f"memory {size_name(n)}: server peak {peak / MI:.0f} MiB over a baseline of {base / MI:.0f} "
                    f"MiB; floor {floor / MI:.0f} MiB -> {peak / floor:.2f}x (size-independent part: "
                    f"{fixed / MI:.0f} MiB)")
-        wk = b.peer("worker_memory", {"endpoints": ep, "d": d, "iters": 6, "worker": 1}, "worker-memory")
+        wk = b.peer("worker_memory", {"endpoints": ep, "d": d, "iters": o.memory_rounds - 2, "worker": 1},
+                    "worker-memory")
         try:
             r = wait_result(wk, 300)
             wk.wait(30)
@@ -1058,7 +1068,8 @@ def bench_train(b: Bench, res: dict) -> None:
             for name, p in trainers.items():
                 ctls[name] = b.control(p)
             cands = {name: remote([c], {}, 1, "it/s") for name, c in ctls.items()}
-            figs = interleaved(cands, o.reps, max(3, o.warmup), o.train_rep_s, b.progress, f"train {kind}")
+            figs = interleaved(cands, o.reps, max(2 if o.quick else 3, o.warmup), o.train_rep_s, b.progress,
+                               f"train {kind}")
             info = {name: c.call(op="info") for name, c in ctls.items()}
             out[kind] = {"params": info["local"]["params"], "figures": figs, "details": info}
         finally:
@@ -1324,6 +1335,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.what_if = not opts.quick
     opts.min_rep_s = 0.1 if opts.quick else 0.3
     opts.train_rep_s = 0.4 if opts.quick else 1.5
+    opts.memory_rounds = 4 if opts.quick else 8
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     b = Bench(opts)

@@ -632,6 +632,11 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
             base = bsp["final_metric_mean"]
             better = [s for s, v in fm if s != "0" and ((v > base) if hib else (v < base))]
             best_q = max(fm, key=lambda t: t[1]) if hib else min(fm, key=lambda t: t[1])
+            ctt = ", ".join(f"s={r['staleness']}: {r['clock_to_target_mean']:.0f}" for r in rows
+                            if r.get("clock_to_target_mean") not in ("", None))
+            if ctt:
+                out.append(f"  Per iteration: worker 0's mean clock at the target was {ctt} "
+                           f"(a push is one server step when s > 0, a clock is one averaged step at s = 0).")
             out.append(f"  After the same {rows[0]['iterations_mean']:.0f} iterations the final {metric} "
                        f"({'higher' if hib else 'lower'} is better) was "
                        + ", ".join(f"s={s}: {v:.4f}" for s, v in fm)
@@ -642,7 +647,10 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
                 out.append(f"  Speed against quality: s={best['staleness']} reached the target first but "
                            f"s={best_q[0]} ended with the best {metric}.")
             waits = ", ".join(f"s={r['staleness']}: {_share(r):.0%}" for r in rows)
-            out.append(f"  Share of the workers' training time spent waiting for the bound: {waits}.")
+            stale = ", ".join(f"s={r['staleness']}: {r['staleness_mean_mean']:.2f}/{r['staleness_max_max']:.0f}"
+                              for r in rows)
+            out.append(f"  Share of the workers' training time spent waiting for the bound: {waits}; "
+                       f"observed read staleness mean/max: {stale}.")
         if bsp is not None:
             worst = max(rows, key=lambda r: staleness_order(r["staleness"]))
             if worst is not bsp:
@@ -897,6 +905,7 @@ def make_plots(m: Manifest, out: str, rows, agg, curves, hists) -> list[tuple[st
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     facets = _facets(m)
     bounds = sorted({str(r["staleness"]) for r in rows}, key=staleness_order)
@@ -946,19 +955,30 @@ def make_plots(m: Manifest, out: str, rows, agg, curves, hists) -> list[tuple[st
     # time-to-target against the bound
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xpos = {b: i for i, b in enumerate(bounds)}
-    for fk in fkeys:
+    never = []
+    for i, fk in enumerate(fkeys):
+        color = f"C{i % 10}"
         rs = sorted(by_facet(agg, fk), key=lambda r: staleness_order(r["staleness"]))
+        never += [(xpos[str(r["staleness"])], color) for r in rs if not r["reached"]]
         pts = [(xpos[str(r["staleness"])], r["time_to_target_mean"], r["time_to_target_min"],
                 r["time_to_target_max"], r["reached"], r["seeds"]) for r in rs if r["reached"]]
         if not pts:
+            ax.plot([], [], marker="o", color=color, label=title(fk))
             continue
-        line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                           yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                           marker="o", capsize=3, label=title(fk))
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                    marker="o", capsize=3, color=color, label=title(fk))
         for p in pts:
             if p[4] < p[5]:
                 ax.annotate(f"{p[4]}/{p[5]}", (p[0], p[1]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=line[0].get_color())
+                            fontsize=7, color=color)
+    if never:
+        lo, hi = ax.get_ylim() if ax.has_data() else (0.0, 1.0)
+        top = hi + 0.08 * (hi - lo)
+        for k, (x, color) in enumerate(never):
+            ax.scatter([x], [top], marker="x", color=color, zorder=3,
+                       label="x: never reached" if k == 0 else None)
+        ax.set_ylim(lo, top + 0.08 * (hi - lo))
     ax.set_xticks(range(len(bounds)), [f"s={b}" for b in bounds])
     ax.set_xlabel("staleness bound")
     ax.set_ylabel("time to target (s): mean, min-max over seeds")
@@ -1012,6 +1032,7 @@ def make_plots(m: Manifest, out: str, rows, agg, curves, hists) -> list[tuple[st
             ks = list(range(0, max(total) + 1))
             ax.step(ks, [total.get(k, 0) / n for k in ks], where="mid", label=title(fk))
         ax.set_title(f"s={b}", fontsize=9)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("read staleness (clocks)")
         ax.set_ylabel("fraction of reads")
         ax.set_yscale("log")

@@ -23,7 +23,7 @@ from zpscluster.procs import RoleProcess, bin_cmd
 
 JOB_FLAGS = ("staleness", "workload", "steps", "optimizer", "lr", "momentum", "seed", "straggler",
              "batch_size", "eval_every", "worker_timeout", "heartbeat_interval", "read_timeout",
-             "weight_decay", "frame_elems", "dc_lambda")
+             "weight_decay", "frame_elems", "dc_lambda", "faults")
 
 
 def launch_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,10 @@ def launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, default=None, help="seconds between heartbeats [1]")
     p.add_argument("--read-timeout", type=float, default=None, help="seconds a read may wait [120]")
     p.add_argument("--frame-elems", type=int, default=None, help="elements per data frame [262144]")
+    p.add_argument("--checkpoint-dir", default="", help="servers checkpoint into this folder")
+    p.add_argument("--checkpoint-every-steps", type=int, default=0, help="servers checkpoint every N steps")
+    p.add_argument("--checkpoint-every-seconds", type=float, default=0.0, help="servers checkpoint every T seconds")
+    p.add_argument("--faults", default=None, help="fault injection on workers' sends, e.g. drop=0.1,dup=0.1")
     p.add_argument("--timeout", type=float, default=3600.0, help="stop everything after this many seconds [3600]")
     p.add_argument("--quiet", action="store_true", help="do not stream the roles' log lines")
     p.add_argument("--log-level", default="INFO", help="log level of every role [INFO]")
@@ -128,8 +132,15 @@ class Launch:
             self.job = info.get("job", {})
             self.say(f"[launch] coordinator at {self.coordinator_url}; starting {a.servers} servers "
                      f"and {a.workers} workers ({self.job.get('workload')}, staleness {a.staleness})")
+            extra = []
+            if a.checkpoint_dir:
+                extra += ["--checkpoint-dir", a.checkpoint_dir]
+            if a.checkpoint_every_steps:
+                extra += ["--checkpoint-every-steps", str(a.checkpoint_every_steps)]
+            if a.checkpoint_every_seconds:
+                extra += ["--checkpoint-every-seconds", str(a.checkpoint_every_seconds)]
             servers = [self._start(f"server{k}", bin_cmd("ps-server", "--coordinator", self.coordinator_url,
-                                                         "--rank", str(k), "--bind", "tcp://127.0.0.1:0"))
+                                                         "--rank", str(k), "--bind", "tcp://127.0.0.1:0", *extra))
                        for k in range(a.servers)]
             for s in servers:
                 s.wait_ready(120)

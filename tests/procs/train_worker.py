@@ -32,11 +32,13 @@ def batch(cfg, w, c):
 def main(path):
     cfg = json.load(open(path))
     model = make_model(cfg)
-    settings = ClientSettings(frame_elems=cfg.get("frame_elems", 1 << 18), read_timeout=cfg.get("read_timeout", 60.0))
+    settings = ClientSettings(frame_elems=cfg.get("frame_elems", 1 << 18), read_timeout=cfg.get("read_timeout", 60.0),
+                              request_timeout=cfg.get("request_timeout", 60.0),
+                              heartbeat_interval=cfg.get("heartbeat_interval", 1.0))
     w = cfg["worker"]
     pw = PSWorker(model, cfg["endpoints"], w, settings=settings).start(timeout=30)
     losses = []
-    for _ in range(cfg["steps"]):
+    while pw.clock < cfg["steps"]:
         pw.read()
         pw.zero_grad()
         x, y = batch(cfg, w, pw.clock)
@@ -48,8 +50,9 @@ def main(path):
         losses.append(loss.item())
     pw.flush(30)
     recs = [dict(clock=r.clock, staleness=r.staleness, wait=r.wait_seconds, pulled=r.pulled) for r in pw.records]
+    stats = dict(pw.stats, rejoins=pw.rejoins, retries=pw.client.stats["retries"], clock=pw.clock)
     pw.close()
-    json.dump({"records": recs, "losses": losses}, open(cfg["out"], "w"))
+    json.dump({"records": recs, "losses": losses, "stats": stats}, open(cfg["out"], "w"))
 
 
 if __name__ == "__main__":

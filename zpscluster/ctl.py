@@ -1,0 +1,143 @@
+"""``ps-ctl``, ``ps-stat`` and ``ps-export``: operate a running job and its checkpoints.
+
+    ps-ctl checkpoint --coordinator URL     every server writes a checkpoint now
+    ps-ctl shutdown   --coordinator URL     end the job: servers checkpoint (if set up) and stop
+    ps-stat           --coordinator URL     job state, every server's counters and settings
+    ps-export CHECKPOINT_DIR OUT            gather the newest checkpoint of every server into a state_dict
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from common.control import request_once
+from common.errors import ZPSError
+from common.protocol import MsgType
+
+
+def _servers(args) -> list[str]:
+    if args.servers:
+        return [s.strip() for s in args.servers.split(",") if s.strip()]
+    status = request_once(args.coordinator, MsgType.STATUS, timeout=args.timeout)["status"]
+    return [s["endpoint"] for s in status["servers"] if s["registered"]]
+
+
+def ctl_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ps-ctl", description="Operate a running zps job.")
+    p.add_argument("command", choices=["checkpoint", "shutdown", "status"])
+    p.add_argument("--coordinator", default=os.environ.get("ZPS_COORDINATOR", ""),
+                   help="coordinator address tcp://HOST:PORT [env ZPS_COORDINATOR]")
+    p.add_argument("--servers", default="", help="comma list of server endpoints (instead of --coordinator)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer [60]")
+    args = p.parse_args(argv)
+    if not args.coordinator and not args.servers:
+        p.error("give --coordinator URL or --servers EP1,EP2")
+    try:
+        if args.command == "checkpoint":
+            for ep in _servers(args):
+                r = request_once(ep, MsgType.CHECKPOINT, timeout=args.timeout)
+                print(f"{ep}: step {r['step']} -> {r['path']}")
+        elif args.command == "shutdown":
+            request_once(args.coordinator, MsgType.SHUTDOWN, timeout=args.timeout)
+            print("job is ending: servers stop at their next heartbeat")
+        else:
+            return stat_main(argv[1:] if argv else sys.argv[2:])
+    except ZPSError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    return 0
+
+
+def stat_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ps-stat", description="Show a running job: state, servers' counters, settings.")
+    p.add_argument("--coordinator", default=os.environ.get("ZPS_COORDINATOR", ""))
+    p.add_argument("--servers", default="", help="comma list of server endpoints (instead of --coordinator)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    args = p.parse_args(argv)
+    if not args.coordinator and not args.servers:
+        p.error("give --coordinator URL or --servers EP1,EP2")
+    out: dict = {}
+    try:
+        if args.coordinator:
+            out["coordinator"] = request_once(args.coordinator, MsgType.STATUS, timeout=args.timeout)["status"]
+        out["servers"] = [request_once(ep, MsgType.STATS, timeout=args.timeout)["stats"] for ep in _servers(args)]
+    except ZPSError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    c = out.get("coordinator")
+    if c:
+        print(f"job {c['state']} at {c['endpoint']} (up {c['uptime']:.0f}s): staleness {c['job']['staleness']}, "
+              f"{len(c['servers'])} servers, {len(c['workers'])} workers")
+        for w in c["workers"]:
+            print(f"  worker {w['rank']}: {'live' if w['live'] else 'DEAD'}{' done' if w['done'] else ''} "
+                  f"pid {w['pid']} on {w['host']} restarts {w['restarts']}")
+    for s in out["servers"]:
+        print(f"server {s['rank']} {s['endpoint']}: step {s['step']} min_clock {s['min_clock']} "
+              f"pushes {s['pushes']} pulls {s['pulls']} parked {s['parked']} dup {s['dup_pushes']} "
+              f"nonfinite {s['nonfinite']} errors {s['errors']}")
+        print("  settings: " + ", ".join(f"{k}={v}" for k, v in s["settings"].items() if k != "transport")
+              + ", " + ", ".join(f"{k}={v}" for k, v in s["settings"].get("transport", {}).items()))
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ps-export",
+                                description="Gather the newest complete checkpoint of every server into one "
+                                            "state_dict file (model.load_state_dict(torch.load(OUT))).")
+    p.add_argument("checkpoint_dir", help="the servers' --checkpoint-dir")
+    p.add_argument("out", help="output file (.pt)")
+    args = p.parse_args(argv)
+    try:
+        sd, info = export_state_dict(args.checkpoint_dir)
+    except ZPSError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    import torch
+
+    torch.save(sd, args.out)
+    print(f"wrote {len(sd)} tensors ({info['elements']} elements, step {info['steps']}) to {args.out}")
+    return 0
+
+
+def export_state_dict(root: str):
+    """``({name: tensor}, info)`` from the newest complete checkpoint of every server."""
+    import numpy as np
+    import torch
+
+    from common.plan import PartitionPlan
+    from ps import checkpoint as ckpt
+
+    ranks = sorted(int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("server-")) \
+        if os.path.isdir(root) else []
+    if not ranks:
+        raise ckpt.CheckpointError(f"{root} holds no server-<rank> checkpoint folders")
+    metas, shards = [], []
+    for r in ranks:
+        path = ckpt.latest(root, r)
+        if path is None:
+            raise ckpt.CheckpointError(f"server {r} has no complete checkpoint in {ckpt.server_dir(root, r)}")
+        meta, arrays = ckpt.read(path)
+        metas.append(meta)
+        shards.append(arrays["weights"])
+    plan = PartitionPlan.from_wire(metas[0]["plan"])
+    hashes = {m["plan_hash"] for m in metas}
+    if len(hashes) != 1 or ranks != list(range(plan.num_servers)):
+        raise ckpt.CheckpointError(f"checkpoints do not form one job: plan hashes {sorted(hashes)}, "
+                                   f"ranks {ranks} (expected 0..{plan.num_servers - 1})")
+    flat = np.empty(plan.total, dtype=np.float32)
+    for r, shard in zip(ranks, shards):
+        lo, hi = plan.range_of(r)
+        flat[lo:hi] = shard
+    sd = {t.name: torch.from_numpy(flat[t.offset:t.end].copy()).reshape(t.shape).to(getattr(torch, t.dtype))
+          for t in plan.tensors}
+    return sd, {"elements": plan.total, "steps": [m["step"] for m in metas]}
+
+
+if __name__ == "__main__":
+    sys.exit(ctl_main())
