@@ -1,0 +1,64 @@
+"""ps-ctl, ps-stat and ps-export as a user runs them."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ClientSettings
+from common.plan import PartitionPlan
+from tests.conftest import ROOT
+from worker.client import PSClient
+from zpscluster.procs import bin_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def run(*cmd, timeout=120):
+    return subprocess.run(bin_cmd(*cmd), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_ps_ctl_checkpoint_and_ps_stat_on_a_live_server(procs, tmp_path):
+    server = procs.server(0, 1, 1, 1, "--checkpoint-dir", str(tmp_path))
+    plan = PartitionPlan.build([("w", (300,), "float32")], 1, frame_elems=128)
+    c = PSClient([server.endpoint], 0, settings=ClientSettings(frame_elems=128)).start()
+    try:
+        c.hello(plan)
+        c.init(np.ones(300, np.float32))
+        c.push(np.ones(300, np.float32), 0).wait(10)
+    finally:
+        c.close()
+    out = run("ps-ctl", "checkpoint", "--servers", server.endpoint)
+    assert out.returncode == 0, out.stderr
+    assert "step 1 ->" in out.stdout and os.path.isdir(out.stdout.split("-> ")[1].strip())
+    stat = run("ps-stat", "--servers", server.endpoint, "--json")
+    assert stat.returncode == 0, stat.stderr
+    doc = json.loads(stat.stdout)
+    s = doc["servers"][0]
+    assert s["step"] == 1 and s["checkpoints"] == 1
+    assert {"read_timeout", "worker_timeout", "max_parked"} <= set(s["settings"])
+    assert {"sndhwm", "rcvhwm", "linger"} <= set(s["settings"]["transport"])
+
+
+def test_ps_export_gives_a_state_dict_the_model_loads(tmp_path):
+    ck = tmp_path / "ckpt"
+    out = subprocess.run(bin_cmd("ps-launch", "--workload", "linreg", "--servers", "2", "--workers", "2",
+                                 "--staleness", "1", "--steps", "120", "--checkpoint-dir", str(ck), "--quiet",
+                                 "--out", str(tmp_path / "job")), capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:]
+    summary = json.load(open(tmp_path / "job" / "summary.json"))
+    exp = run("ps-export", str(ck), str(tmp_path / "model.pt"))
+    assert exp.returncode == 0, exp.stderr
+    from worker.workloads import get_workload
+    wl = get_workload("linreg", seed=0)
+    model = wl.build_model()
+    model.load_state_dict(torch.load(tmp_path / "model.pt"))   # strict: every name and shape matches
+    assert wl.evaluate(model) == pytest.approx(summary["eval_metric"]["value"], rel=1e-6)
+
+
+def test_ps_export_names_what_is_missing(tmp_path):
+    out = run("ps-export", str(tmp_path), str(tmp_path / "m.pt"))
+    assert out.returncode == 1 and "server-" in out.stderr
