@@ -60,7 +60,8 @@ class TransportSettings:
     sndhwm: int = setting(1000, "send high-water mark, messages per peer")
     rcvhwm: int = setting(1000, "receive high-water mark, messages per peer")
     linger: float = setting(1.0, "seconds a closing socket may spend flushing")
-    max_msg_bytes: int = setting(0, "largest message accepted (0: derived from the plan)")
+    max_msg_bytes: int = setting(64 << 20, "largest frame a receiving socket accepts, bytes (ZeroMQ MAXMSGSIZE; "
+                                           "larger frames drop the connection); 0: no limit")
 
     def __post_init__(self):
         _positive("sndhwm", self.sndhwm)
@@ -93,6 +94,9 @@ class ClientSettings:
         _positive("frame_elems", self.frame_elems)
         if self.frame_elems % 64:
             raise ConfigError(f"frame_elems must be a multiple of 64, got {self.frame_elems}")
+        if self.transport.max_msg_bytes and self.frame_elems * 4 > self.transport.max_msg_bytes:
+            raise ConfigError(f"frame_elems={self.frame_elems} makes {self.frame_elems * 4}-byte frames, above "
+                              f"max_msg_bytes={self.transport.max_msg_bytes}")
         _positive("max_pushes_in_flight", self.max_pushes_in_flight)
         if self.refresh not in ("eager", "lazy"):
             raise ConfigError(f"refresh must be 'eager' or 'lazy', got {self.refresh!r}")

@@ -291,6 +291,8 @@ class PSClient:
         s.setsockopt(zmq.LINGER, int(t.linger * 1000))
         s.setsockopt(zmq.SNDHWM, t.sndhwm)
         s.setsockopt(zmq.RCVHWM, t.rcvhwm)
+        if t.max_msg_bytes:
+            s.setsockopt(zmq.MAXMSGSIZE, t.max_msg_bytes)
         # a server that is down is retried by ZeroMQ with capped exponential backoff
         s.setsockopt(zmq.RECONNECT_IVL, 100)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.settings.backoff_max * 1000))
