@@ -226,6 +226,14 @@ def test_a_server_refuses_to_advertise_loopback_to_other_hosts():
         plan(["--servers", "2", "--workers", "3"], multi(1), debian)
 
 
+def test_a_server_beside_a_coordinator_whose_name_is_loopback_here_advertises_the_default_route():
+    # Debian's "127.0.1.1 hostA" on hostA: the route to hostA is loopback; the default route's address is not
+    lookups = Lookups(resolve=lambda h: "127.0.1.1", is_local=lambda a: True, interface=FAKE.interface,
+                      route=lambda h: "10.0.0.7" if h == node.DEFAULT_ROUTE_PROBE else "127.0.1.1")
+    s = plan(["--servers", "2", "--workers", "3"], multi(1), lookups)
+    assert (s.bind, s.advertise) == ("tcp://10.0.0.7:0", "10.0.0.7")
+
+
 def test_an_explicit_coordinator_url_and_a_roles_list():
     p = plan(["--coordinator", "tcp://10.0.0.1:6000", "--roles", "c,s,w*2"],
              {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"})
@@ -267,7 +275,7 @@ def test_ps_node_exits_2_with_the_world_size_error():
 # ------------------------------------------------------------------ a real launcher
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_torchrun_runs_a_digits_job_to_the_target(tmp_path):
+def test_torchrun_runs_a_digits_job_to_the_target_after_the_doctor(tmp_path):
     import socket
     with socket.socket() as s:  # torchrun's store takes MASTER_PORT, the coordinator MASTER_PORT + 1
         s.bind(("127.0.0.1", 0))
@@ -276,7 +284,7 @@ def test_torchrun_runs_a_digits_job_to_the_target(tmp_path):
     out = tmp_path / "out"
     cmd = [torchrun, "--nproc-per-node", "6", "--master-addr", "127.0.0.1", "--master-port", str(port),
            os.path.join(ROOT, "bin", "ps-node"), "--servers", "2", "--workers", "3", "--workload", "digits",
-           "--steps", "300", "--staleness", "2", "--out", str(out), "--save", str(tmp_path / "model.pt")]
+           "--steps", "300", "--staleness", "2", "--out", str(out), "--save", str(tmp_path / "model.pt"), "--doctor"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
     try:
@@ -289,6 +297,7 @@ def test_torchrun_runs_a_digits_job_to_the_target(tmp_path):
     assert proc.returncode == 0, "\n".join(lines[-30:])
     roles = sorted(line.split("-> ")[1].split(";")[0] for line in lines if line.startswith("ps-node: rank"))
     assert roles == ["coordinator 0", "server 0", "server 1", "worker 0", "worker 1", "worker 2"]
+    assert sum("verdict: PASS" in line for line in lines) == 6  # --doctor: every rank checked first
     s = json.loads((out / "summary.json").read_text())
     print(f"torchrun x6, digits s=2: accuracy {s['eval_metric']['value']:.4f} in {s['wall_seconds']:.1f}s")
     assert s["eval_metric"]["name"] == "accuracy" and s["eval_metric"]["value"] >= 0.90

@@ -30,15 +30,9 @@ from common.config import ClientSettings, JobSettings
 from common.control import CoordinatorLink
 from common.errors import ZPSError
 from worker.session import PSWorker, ReadRecord
+from worker.workloads import partition
 
 log = logging.getLogger("zps.worker")
-
-
-def partition(n: int, rank: int, world: int) -> range:
-    """Contiguous, near-equal split of ``range(n)``: the part of ``rank`` of ``world``."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
-    return range(n * rank // world, n * (rank + 1) // world)
 
 
 class Session:

@@ -313,7 +313,8 @@ class Doctor:
             try:
                 netaddr.check_advertisable(adv, remote)
                 out.append(Check("advertise", adv, OK,
-                                 "reachable kind of address" if remote else "every peer on this host"))
+                                 "not loopback or unspecified: other hosts can use it" if remote
+                                 else "every peer on this host"))
             except ZPSError as exc:
                 out.append(Check("advertise", adv, FAIL, "loopback or unspecified while peers are remote",
                                  str(exc)))

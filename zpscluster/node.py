@@ -394,18 +394,33 @@ def server_addresses(coordinator_host_: str, remote: bool, port: int = 0, bind: 
     return bind, advertise
 
 
+#: Where "the default route" points; a route lookup sends no packet (TEST-NET-1, RFC 5737).
+DEFAULT_ROUTE_PROBE = "192.0.2.1"
+
+
 def _outward(host: str, lookups: Lookups) -> str:
-    """This host's address towards the coordinator (not loopback)."""
+    """This host's address towards the coordinator host, never loopback.
+
+    When that host is this one and its name resolves to loopback here (Debian's
+    ``127.0.1.1 hostname`` line), the address of the default route stands in.
+    """
     try:
         addr = lookups.route(host)
     except OSError as exc:
         raise netaddr.AddressError(f"cannot find this host's address towards the coordinator host {host!r} "
                                    f"({exc}): pass --interface NAME or --bind tcp://ADDRESS:0") from None
+    if not netaddr.is_loopback_host(addr, resolver=lambda h: h):
+        return addr
+    try:
+        addr = lookups.route(DEFAULT_ROUTE_PROBE)
+    except OSError:
+        addr = "127.0.0.1"
     if netaddr.is_loopback_host(addr, resolver=lambda h: h):
         raise netaddr.AddressError(
-            f"the coordinator host {host!r} resolves to this host's loopback, so it gives no address other "
-            "hosts can reach: pass --interface NAME (e.g. eth0) or --advertise ADDRESS, or make the name "
-            "resolve to the host's network address (/etc/hosts)")
+            f"the coordinator host {host!r} resolves to this host's loopback and there is no default route, "
+            "so no address other hosts can reach was found: pass --interface NAME (e.g. eth0) or --advertise "
+            "ADDRESS, or make the name resolve to the host's network address (/etc/hosts)")
+    log.info("coordinator host %r is loopback here; advertising the default route's address %s", host, addr)
     return addr
 
 
@@ -435,23 +450,44 @@ _ROLE_OWN = frozenset({"coordinator", "rank", "bind", "advertise", "interface", 
                        "num_servers", "num_workers", "log_level", "curve_keys", "staleness_lr"})
 
 
-def plan_node(args: argparse.Namespace, env: Mapping[str, str], lookups: Lookups = Lookups()) -> NodePlan:
-    """The pure decision: role, coordinator URL, addresses, and the role's arguments."""
-    from common.config import ServerSettings, WorkerSettings
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Who this process is and where the coordinator is (no address lookups needed)."""
 
+    placement: Placement
+    role: Role
+    coordinator: str
+    host: str
+    port: int
+    servers: int
+    workers: int
+
+
+def locate(args: argparse.Namespace, env: Mapping[str, str]) -> Location:
+    """Rank -> role and the coordinator URL, from the flags and the launcher's environment."""
     p = detect_placement(env, args.launcher, args.rank, args.world_size)
     roles = parse_roles(args.roles) if args.roles else None
     servers = roles.count("server") if roles else args.servers
     workers = roles.count("worker") if roles else args.workers
     role = role_of(p.rank, p.world_size, servers, workers, args.coordinator_rank, roles, p.source)
-    interface = args.interface or env.get("ZPS_INTERFACE", "")
     if args.coordinator:
+        host, port = netaddr.split_endpoint(args.coordinator)
         url = args.coordinator
-        host, port = netaddr.split_endpoint(url)
     else:
         host = coordinator_host(p, env, args.coordinator_host)
         port = coordinator_port(p, env, args.port)
         url = netaddr.join_endpoint(host, port)
+    return Location(p, role, url, host, port, servers, workers)
+
+
+def plan_node(args: argparse.Namespace, env: Mapping[str, str], lookups: Lookups = Lookups()) -> NodePlan:
+    """The pure decision: role, coordinator URL, addresses, and the role's arguments."""
+    from common.config import ServerSettings, WorkerSettings
+
+    loc = locate(args, env)
+    p, role, url, host, port = loc.placement, loc.role, loc.coordinator, loc.host, loc.port
+    servers, workers = loc.servers, loc.workers
+    interface = args.interface or env.get("ZPS_INTERFACE", "")
     remote = (not p.all_local) if p.all_local is not None else netaddr.peers_are_remote(url, lookups.resolve)
     common = ["--log-level", args.log_level] + (["--job", args.job] if args.job else [])
     curve = ["--curve-keys", args.curve_keys] if args.curve_keys else []
@@ -600,24 +636,30 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     args = node_parser().parse_args(argv)
     env = os.environ if env is None else env
     try:
-        plan = plan_node(args, env)
+        loc = locate(args, env)
     except (ConfigError, ValueError) as exc:
         sys.stderr.write(f"error: ps-node: {exc}\n")
         return 2
+    kind, rank = loc.role.kind, loc.placement.rank
+    if kind != "coordinator":
+        # first the coordinator: its host name may resolve only once its pod/node is up,
+        # and this host's address is the one it uses to reach that host
+        try:
+            wait_for_coordinator(loc.coordinator, args.connect_timeout, kind)
+        except DeadlineExceeded as exc:
+            sys.stderr.write(f"error: ps-node rank {rank}: {exc}\n")
+            return 1
+    try:
+        plan = plan_node(args, env)
+    except (ConfigError, ValueError) as exc:
+        sys.stderr.write(f"error: ps-node rank {rank}: {exc}\n")
+        return 2
     sys.stderr.write(f"ps-node: {plan.describe()}\n")
     sys.stderr.flush()
-    kind = plan.role.kind
-    if kind == "coordinator":
-        if args.doctor and not _doctor(plan, args):
-            return 1
-        return run_coordinator(plan, args)
-    try:
-        wait_for_coordinator(plan.coordinator, args.connect_timeout, kind)
-    except DeadlineExceeded as exc:
-        sys.stderr.write(f"error: ps-node rank {plan.placement.rank}: {exc}\n")
-        return 1
     if args.doctor and not _doctor(plan, args):
         return 1
+    if kind == "coordinator":
+        return run_coordinator(plan, args)
     if kind == "server":
         from ps.cli import server_main
         return server_main(list(plan.argv))
