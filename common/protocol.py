@@ -164,7 +164,7 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
     MsgType.CHECKPOINT_OK: {"path": str, "step": int},
     MsgType.ERROR: {"code": int, "msg": str},
 }
-#: Optional keys: PULL "dl" (deadline, ms, > 0); ERROR "detail" (map).
+#: Optional keys, checked like the required ones when present (docs/PROTOCOL.md).
 OPTIONAL: dict[MsgType, dict[str, type]] = {
     MsgType.PULL: {"dl": int},
     MsgType.PUSH: {"rs": int, "to": int},

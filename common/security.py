@@ -77,6 +77,9 @@ ALLOW_DIR = "authorized"
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 
+#: Distinct refused keys remembered (each logged once); past this they are counted, not logged.
+MAX_REMEMBERED_KEYS = 1024
+
 _CLIENT_RE = re.compile(r"^client-(\d+)\.key_secret$")
 _KEYGEN_HINT = "create the folder with bin/ps-keygen DIR (see docs/SECURITY.md)"
 
@@ -456,7 +459,8 @@ class Authenticator:
         self._lock = threading.Lock()
         self._allowed = 0
         self._denied = 0
-        self._denied_keys: dict[bytes, str] = {}
+        self._denied_keys: dict[bytes, str] = {}  # key -> first peer address; bounded
+        self._forgetting = False
         self._auth: _CountingThreadAuthenticator | None = None
 
     def start(self) -> "Authenticator":
@@ -501,17 +505,21 @@ class Authenticator:
                 self._allowed += 1
                 return True
             self._denied += 1
-            first = key not in self._denied_keys
             peer = auth.peer if auth is not None else ""
+            first = key not in self._denied_keys and len(self._denied_keys) < MAX_REMEMBERED_KEYS
             if first:
                 self._denied_keys[key] = peer
+            elif key not in self._denied_keys and not self._forgetting:
+                self._forgetting = True
+                log.warning("more than %d distinct client keys refused: further ones are counted, not logged",
+                            MAX_REMEMBERED_KEYS)
         if first:
             log.warning("refused CURVE client key %s from %s: not in the allow-list %s",
                         key.decode("ascii", "replace"), peer or "?", self.keys.authorized)
         return False
 
     def statistics(self) -> dict:
-        """Handshakes allowed and denied so far, and the distinct keys refused."""
+        """Handshakes allowed and denied so far, and the distinct keys refused (at most MAX_REMEMBERED_KEYS)."""
         with self._lock:
             return {"allowed": self._allowed, "denied": self._denied,
                     "denied_keys": len(self._denied_keys),

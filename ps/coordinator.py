@@ -211,6 +211,7 @@ class Coordinator:
 
     def _handle(self, frames: list) -> None:
         ident, body = frames[0], frames[1:]
+        msg = None
         try:
             msg = proto.decode(body)
             handler = self._handlers.get(msg.type)
@@ -218,10 +219,10 @@ class Coordinator:
                 raise ProtocolError(f"{msg.type.name} is not a coordinator request", ErrorCode.UNKNOWN_TYPE)
             handler(self, ident, msg)
         except ProtocolError as exc:
-            self._error(ident, 0 if "msg" not in locals() else msg.rid, exc.code, str(exc))
+            self._error(ident, msg.rid if msg is not None else 0, exc.code, str(exc))
         except Exception as exc:
             log.exception("coordinator: internal error")
-            self._error(ident, 0, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._error(ident, msg.rid if msg is not None else 0, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _member(self, role: str, rank: int) -> Member:
         if role not in ROLES:
@@ -253,7 +254,8 @@ class Coordinator:
                 or next((x for x in group if not x.registered), None) \
                 or next((x for x in group if not x.live and not x.done), None)
             if m is None:
-                raise ProtocolError(f"all {len(group)} {role} ranks are taken by live processes")
+                raise ProtocolError(f"all {len(group)} {role} ranks are taken by live processes",
+                                    ErrorCode.OVERLOADED)
         rejoin = m.registered and m.inc != inc
         if rejoin:
             m.restarts += 1
@@ -265,8 +267,6 @@ class Coordinator:
         m.registered, m.live, m.inc = True, True, inc
         m.endpoint, m.host, m.pid = msg["endpoint"], msg["host"], msg["pid"]
         m.last_seen = self._clock()
-        if role == "server" and self.state == "done":
-            self.state = "running"
         self._reply(ident, msg, {"rank": m.rank, "job": self.job.to_wire()})
         self._advance(self._clock())
 
@@ -283,6 +283,8 @@ class Coordinator:
 
     def _on_barrier(self, ident: bytes, msg: Message) -> None:
         name, role, rank = msg["name"], msg["role"], msg["rank"]
+        if role != "worker":
+            raise ProtocolError(f"barriers are among workers; a {role} cannot join {name!r}")
         m = self._member(role, rank)
         m.last_seen = self._clock()
         b = self._barriers.setdefault(name, {"arrived": set(), "parked": []})

@@ -98,7 +98,7 @@ class SyncAveraging:
             self._maybe_apply()
 
     def on_clock(self, w: int, clk: int) -> None:
-        if w in self._ticked and clk == self.gate.workers[w].clock:
+        if (w in self._ticked and clk == self.gate.workers[w].clock) or 0 <= clk < self.gate.workers[w].clock:
             return  # a retried CLOCK: already counted
         self._check_clock(w, clk)
         self._ticked.add(w)

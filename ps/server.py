@@ -313,25 +313,26 @@ class ShardServer:
         if plan.num_servers != self.settings.num_servers:
             raise ProtocolError(f"plan is cut for {plan.num_servers} servers but this job has "
                                 f"{self.settings.num_servers}", ErrorCode.PLAN_MISMATCH)
-        if self.plan is None:
-            self._adopt(plan)
-        else:
-            proto.check_plan(msg, self.plan.hash)
         try:
             self.gate.check_worker(w)
         except ConfigError as exc:
             raise ProtocolError(str(exc)) from None
+        if self.plan is None:
+            self._adopt(plan)
+        else:
+            proto.check_plan(msg, self.plan.hash)
         was_dead = not self.gate.workers[w].live
-        if self.ledger.incarnation(w) != inc:
+        new_inc = self.ledger.incarnation(w) != inc
+        if new_inc:
             self.ledger.reset(w, inc)
         start = self.gate.join(w, inc, self._clock())
         claimed = msg.header.get("clk")
-        if claimed is not None and claimed > start and self.settings.staleness != 0:
-            # a worker rejoining a restored server: its updates for the clocks since the
-            # checkpoint were lost with the old incarnation and will not come again
+        if claimed is not None and claimed > start and not new_inc and self.settings.staleness != 0:
+            # the same incarnation rejoining a restored server: its updates for the clocks
+            # since the checkpoint were lost with the old server and will not come again
             self.gate.advance(w, claimed)
             start = claimed
-        if was_dead or self.ledger.incarnation(w) != inc:
+        if was_dead or new_inc:
             start = self.rule.rejoin_clock(w, start)
         if was_dead:
             log.info("worker %d rejoined (incarnation %d) at clock %d", w, inc, start)
@@ -462,14 +463,15 @@ class ShardServer:
             raise ProtocolError(f"gradient from worker {w} at clock {clk} holds NaN or infinity; "
                                 "not applied", ErrorCode.NONFINITE)
         rs = msg.header.get("rs")
-        staleness = max(0, self.optimizer.steps - rs) if rs is not None else 0
-        hist = self.stats["update_staleness"]
-        key = str(min(staleness, 64))
-        hist[key] = hist.get(key, 0) + 1
-        self._push_scale = 1.0 / max(1, staleness) if self.settings.staleness_lr else 1.0
+        staleness = max(0, self.optimizer.steps - rs) if rs is not None else None
+        self._push_scale = 1.0 / max(1, staleness or 0) if self.settings.staleness_lr else 1.0
         if self.dc is not None and rs is not None:
             grads = self.dc.compensate(w, rs, grads, self.store.weights)
         self.rule.on_push(w, clk, grads, msg["tick"])
+        if staleness is not None:
+            hist = self.stats["update_staleness"]
+            key = str(min(staleness, 64))
+            hist[key] = hist.get(key, 0) + 1
         self.ledger.record(w, seq)
         self.stats["pushes"] += 1
         self._reply(ident, msg, {"step": self.optimizer.steps, "dup": False})

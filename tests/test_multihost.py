@@ -72,6 +72,18 @@ def hosts(cluster):
         h.stop_all()
 
 
+def test_a_crashed_runs_namespaces_and_links_are_removed_and_live_ones_kept(cluster):
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{pid}"))
+    ghost = NetnsCluster(["a"], tag=str(dead)).create()  # what a run killed mid-test leaves behind
+    try:
+        removed = cleanup_stale()
+        assert set(removed) >= {ghost.ns("a"), f"zmb{dead}"}, removed  # its veth went with the namespace
+        assert not ghost.leftovers()
+        assert cluster.leftovers()  # this run's cluster belongs to a live process: kept
+    finally:
+        ghost.destroy()
+
+
 def node_env(rank: int, local_rank: int, local_world: int, world: int = 5) -> dict:
     """What torchrun (or a PyTorchJob) sets in each process of a multi-node job."""
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
@@ -153,7 +165,7 @@ def test_doctor_passes_on_the_cluster_and_names_a_blocked_server_port(cluster, h
         assert "no answer" in failed[0]["detail"] and f"open TCP port {port}" in failed[0]["fix"]
     else:
         assert "refused" in failed[0]["detail"]
-    assert f"fixes:" in out.stdout and e1 in out.stdout
+    assert "fixes:" in out.stdout and e1 in out.stdout
     cluster.unblock_all()
 
 

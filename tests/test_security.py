@@ -15,6 +15,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from common import security
 from common.errors import ConfigError
 from common.security import (Authenticator, CurveKeys, generate, main, secure_client, secure_server,
                              zap_handler_running)
@@ -196,6 +197,18 @@ def test_client_with_wrong_server_key_never_reaches_curve_router(keydir, tmp_pat
     fooled.send_multipart([b"hello?"])
     assert_refused(net, router, mon, ep, keys, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
     assert auth.statistics()["denied"] == 0  # the server could not even read its HELLO
+
+
+def test_refused_keys_are_remembered_up_to_a_bound(keydir, net, monkeypatch, caplog):
+    monkeypatch.setattr(security, "MAX_REMEMBERED_KEYS", 2)
+    auth = net.authenticator(CurveKeys.load(keydir))
+    caplog.set_level(logging.WARNING, logger="zps.security")
+    for k in (b"a", b"b", b"c", b"d", b"a"):  # what pyzmq hands the provider, per handshake
+        assert auth._verdict("zps", k * 40) is False
+    assert auth.statistics()["denied"] == 5 and auth.statistics()["denied_keys"] == 2
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("refused CURVE client key" in m for m in msgs) == 2
+    assert sum("further ones are counted, not logged" in m for m in msgs) == 1
 
 
 def test_curve_server_refuses_a_context_without_authenticator(keydir, net):

@@ -125,6 +125,7 @@ class PSClient:
                       "pushes": 0, "pulls": 0, "retries": 0, "send_blocked": 0}
         self.server_inc: list[int | None] = [None] * len(self.endpoints)
         self.server_restarts = [0] * len(self.endpoints)
+        self._fenced: list[int | None] = [None] * len(self.endpoints)  # restarts already acted on
         self._secure = None  # callable(socket) applying CURVE, set by the owner before start()
         spec = FaultSpec.parse(self.settings.faults, self.settings.fault_seed)
         self._faults = FaultInjector(spec, f"w{worker_id}") if spec.active else None
@@ -436,7 +437,8 @@ class PSClient:
         if msg.rid == 0:  # heartbeat replies: notice a restarted server
             if msg.type == MsgType.HEARTBEAT_OK:
                 known = self.server_inc[k]
-                if known is not None and msg["sinc"] != known:
+                if known is not None and msg["sinc"] != known and self._fenced[k] != msg["sinc"]:
+                    self._fenced[k] = msg["sinc"]
                     self._fence_server(k, pending, msg["sinc"])
             return
         req = pending.pop(msg.rid, None)

@@ -212,6 +212,9 @@ class PSWorker:
                 self.stats["pushes_fenced"] += 1
         self._pushes.clear()
         replies = self.client.hello(self.plan, clock=self.clock)
+        if not all(r["initialized"] for r in replies):
+            # a server restarted without its checkpoint: offer our weights (first offer wins)
+            self.client.init(self.binding.params_host())
         old = self.clock
         self.clock = max(self.clock, max(r["start_clock"] for r in replies))
         self._stamp = -(1 << 62)

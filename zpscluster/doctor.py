@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 import time
 from typing import Callable, Iterable, Sequence
@@ -47,7 +46,6 @@ from common import protocol as proto
 from common.errors import ErrorCode, ProtocolError, ZPSError
 from common.protocol import MsgType
 
-log = logging.getLogger("zps.doctor")
 
 OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
 #: Elements per ECHO data frame: 1 MiB of fp32, like the data path's frames.
