@@ -206,6 +206,13 @@ def test_the_plan_across_hosts_binds_the_coordinator_host_and_routable_server_ad
     assert c.bind == "tcp://192.168.0.3:29501"
 
 
+def test_a_coordinator_bind_keeps_the_port_every_rank_derives():
+    env = {**multi(0), "WORLD_SIZE": "3"}
+    assert plan(["--servers", "1", "--workers", "1", "--bind", "tcp://0.0.0.0:0"], env).bind == "tcp://0.0.0.0:29501"
+    with pytest.raises(ConfigError, match="must listen on port 29501"):
+        plan(["--servers", "1", "--workers", "1", "--bind", "tcp://0.0.0.0:7000"], env)
+
+
 def test_a_coordinator_name_that_is_not_on_this_host_binds_every_address():
     # e.g. a Kubernetes Service address, or a NAT name: listen everywhere, never on loopback alone
     c = plan(["--servers", "1", "--workers", "1"], {**multi(0), "WORLD_SIZE": "3", "MASTER_ADDR": "svc.ns"})

@@ -681,8 +681,10 @@ def _shape(rows: Sequence[Mapping[str, Any]]) -> str:
     if math.isinf(vals[i]):
         return "no bound reached the target."
     if 0 < i < len(vals) - 1 and vals[0] > vals[i] and vals[-1] > vals[i]:
+        def t(v: float) -> str:
+            return "never" if math.isinf(v) else f"{v:.2f} s"
         return (f"U-shaped: the minimum is at the interior bound s={bounds[i]} ({vals[i]:.2f} s), "
-                f"below both s={bounds[0]} ({_fmt(vals[0])} s) and s={bounds[-1]} ({_fmt(vals[-1])} s).")
+                f"below both s={bounds[0]} ({t(vals[0])}) and s={bounds[-1]} ({t(vals[-1])}).")
     side = "smallest" if i == 0 else "largest" if i == len(vals) - 1 else "interior"
     mono = all(a >= b for a, b in zip(vals, vals[1:])) or all(a <= b for a, b in zip(vals, vals[1:]))
     return (f"not U-shaped: the minimum is at the {side} bound s={bounds[i]} ({vals[i]:.2f} s)"

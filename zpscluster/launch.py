@@ -81,6 +81,11 @@ class Launch:
         self.failure: str | None = None
         self.coordinator_url = ""
         self.env = {"ZPS_LOG_LEVEL": args.log_level}
+        if "OMP_NUM_THREADS" not in os.environ:
+            # S + W processes share this host's cores: without a cap every one starts a
+            # thread per core and small models slow down by an order of magnitude
+            share = max(1, (os.cpu_count() or 1) // (args.servers + args.workers))
+            self.env["OMP_NUM_THREADS"] = str(share)
 
     def say(self, line: str) -> None:
         with self._lock:

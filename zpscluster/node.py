@@ -357,8 +357,12 @@ def coordinator_bind(host: str, port: int, bind: str = "", interface: str = "", 
                      lookups: Lookups = Lookups()) -> str:
     """What rank 0's coordinator binds: --bind, else --interface's address, else the coordinator
     host's address when it is on this host, else every address (a service VIP or NAT name)."""
-    if bind:
-        return bind
+    if bind:  # the port is the one every other rank derives; port 0 means "that one"
+        bhost, bport = netaddr.split_endpoint(bind)
+        if bport not in (0, port):
+            raise ConfigError(f"--bind {bind}: the coordinator must listen on port {port}, where the other ranks "
+                              "look for it (set that port with --port)")
+        return netaddr.join_endpoint(bhost, port)
     if interface:
         return netaddr.join_endpoint(lookups.interface(interface), port)
     try:
