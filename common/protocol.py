@@ -166,7 +166,7 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
 }
 #: Optional keys, checked like the required ones when present (docs/PROTOCOL.md).
 OPTIONAL: dict[MsgType, dict[str, type]] = {
-    MsgType.PULL: {"dl": int},
+    MsgType.PULL: {"dl": int, "obs": bool},
     MsgType.PUSH: {"rs": int, "to": int},
     MsgType.HELLO: {"clk": int},
     MsgType.INIT: {"to": int},

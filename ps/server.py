@@ -480,8 +480,19 @@ class ShardServer:
     def _on_pull(self, ident: bytes, msg: Message) -> None:
         self._need_plan(msg)
         w, clk = msg["w"], msg["clk"]
-        self._check_worker(w)
         self.stats["pulls"] += 1
+        if msg.header.get("obs"):
+            # an observer (ps-stat, tests, export tools): reads whatever is there, is no worker
+            if not self._initialized:
+                raise ProtocolError("no weights yet", ErrorCode.NOT_INITIALIZED)
+            self._reply_pull(ident, msg.rid, clk, -1)
+            return
+        self._check_worker(w)
+        st = self.gate.workers[w]
+        if not st.live:
+            raise ProtocolError(
+                f"worker {w} was declared dead after {self.settings.worker_timeout:.1f}s of silence; "
+                "send HELLO to rejoin at the current min_clock", ErrorCode.FENCED)
         if self._initialized and self.gate.qualifies(clk):
             self._reply_pull(ident, msg.rid, clk, w)
             return
@@ -496,7 +507,7 @@ class ShardServer:
         frames = self.store.reply_frames()
         header = {"rid": rid, "min_clock": self.gate.min_clock, "step": self.optimizer.steps,
                   "n": self.store.n}
-        if self.dc is not None:
+        if self.dc is not None and w >= 0:
             self.dc.remember(w, self.optimizer.steps, self.store.weights)
         self._send(ident, proto.encode(MsgType.PULL_OK, header, frames))
 

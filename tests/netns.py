@@ -106,7 +106,8 @@ class NetnsCluster:
         """``argv`` run inside ``host`` (``ip netns exec`` execs it: same pid)."""
         return ["ip", "netns", "exec", self.ns(host), *argv]
 
-    def run(self, host: str, argv: Sequence[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, host: str, argv: Sequence[str], check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess:
         out = subprocess.run(self.cmd(host, argv), capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
             raise NetnsError(f"{host}: {' '.join(argv)}: {out.stderr.strip()}")

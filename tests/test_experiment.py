@@ -242,8 +242,8 @@ def test_findings_rank_the_cost_of_staleness_per_optimizer():
             rows.append(r)
     text = "\n".join(ex.findings(ex.aggregate(rows), ["staleness", "optimizer"], {"mf": False}))
     assert "Cost of staleness by optimizer" in text
-    assert "sgd: +0.0200 (s=8), adam: +0.2000 (s=8)" in text
-    assert "adam suffered most, sgd least" in text
+    assert "sgd: s=8 +0.0200; adam: s=8 +0.2000" in text
+    assert "adam suffered most and sgd least" in text
 
 
 # ------------------------------------------------------------------ end to end

@@ -163,7 +163,7 @@ def test_a_worker_killed_mid_push_is_applied_zero_or_one_times_never_partly(proc
         c.plan = plan
         for _ in range(50):  # pushes the pusher sent before dying may still be queued: read a stable state
             before = c.server_stats(0)["pushes"]
-            m = c.pull(0, timeout=30).wait(30)[0]
+            m = c.pull(0, timeout=30, observer=True).wait(30)[0]
             applied = c.server_stats(0)["pushes"]
             if applied == before:
                 break
@@ -175,10 +175,8 @@ def test_a_worker_killed_mid_push_is_applied_zero_or_one_times_never_partly(proc
 
 
 def test_paused_worker_is_dropped_then_fenced_and_rejoins_and_a_paused_server_resumes(procs, tmp_path):
-    server = procs.server(0, 1, 2, 1, "--optimizer", "sgd", "--lr", "0.01", "--worker-timeout", "2")
+    server = procs.server(0, 1, 2, 1, "--optimizer", "sgd", "--lr", "0.01", "--worker-timeout", "4")
     ws = workers(procs, tmp_path, [server.endpoint], 2, 250, slow=0.01)
-    wait_until(lambda: (tmp_path / "w0.json").exists() or ws[0].poll() is not None or
-               PSClient is None, 0.01, "nothing") if False else None
     c = PSClient([server.endpoint], 0).start()
     try:
         wait_until(lambda: c.server_stats(0)["clocks"][1] >= 20, 120, "worker 1 to train")
@@ -189,7 +187,7 @@ def test_paused_worker_is_dropped_then_fenced_and_rejoins_and_a_paused_server_re
         ws[1].signal(signal.SIGCONT)
         # now pause the server past the heartbeat timeout; the workers wait and go on after
         server.signal(signal.SIGSTOP)
-        threading.Event().wait(3.0)   # the pause itself is the injected fault
+        threading.Event().wait(5.0)   # the pause itself is the injected fault
         server.signal(signal.SIGCONT)
         for w in ws:
             assert w.wait(240) == 0, w.tail(20)
@@ -197,8 +195,8 @@ def test_paused_worker_is_dropped_then_fenced_and_rejoins_and_a_paused_server_re
     finally:
         c.close()
     res = [json.load(open(tmp_path / f"w{w}.json")) for w in range(2)]
-    print(f"paused worker detected after {detected:.1f}s (timeout 2s); rejoins {res[1]['stats']['rejoins']}")
-    assert detected < 2 + 1.5
+    print(f"paused worker detected after {detected:.1f}s (timeout 4s); rejoins {res[1]['stats']['rejoins']}")
+    assert detected < 4 + 1.5
     assert res[1]["stats"]["rejoins"] >= 1 and res[1]["stats"]["clock"] == 250
     assert stats["clocks"] == [250, 250]
 
@@ -219,7 +217,7 @@ def test_ten_percent_dropped_and_duplicated_pushes_still_sum_exactly(procs):
             for clk in range(K):
                 c.push(ones, clk).wait(30)
         stats = cs[0].server_stats(0)
-        m = cs[0].pull(0, timeout=30).wait(30)[0]
+        m = cs[0].pull(0, timeout=30, observer=True).wait(30)[0]
         w = np.concatenate([np.frombuffer(f.buffer, dtype="<f4") for f in m.frames])
         injected = {k: sum(c._faults.counts[k] for c in cs) for k in ("dropped", "duplicated")}
         retries = sum(c.stats["retries"] for c in cs)
@@ -349,7 +347,7 @@ def test_thirty_two_concurrent_clients_push_to_one_server_without_drops(procs):
         for t in ts:
             t.join(300)
         stats = cs[0].server_stats(0)
-        m = cs[0].pull(0, timeout=30).wait(30)[0]
+        m = cs[0].pull(0, timeout=30, observer=True).wait(30)[0]
         w = np.concatenate([np.frombuffer(f.buffer, dtype="<f4") for f in m.frames])
     finally:
         for c in cs:

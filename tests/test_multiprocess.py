@@ -54,7 +54,7 @@ def observer(endpoints, plan):
 def server_weights(endpoints, plan):
     c = observer(endpoints, plan)
     try:
-        replies = c.pull(0, timeout=30).wait(30)
+        replies = c.pull(0, timeout=30, observer=True).wait(30)
         flat = np.empty(plan.total, dtype=np.float32)
         for k, m in enumerate(replies):
             lo, hi = plan.range_of(k)

@@ -263,10 +263,16 @@ class PSClient:
         self.stats["pushes"] += 1
         return PushHandle(futs, trackers)
 
-    def pull(self, clock: int, timeout: float | None = None) -> PullHandle:
-        """Ask every server for its range as of a read at ``clock`` (parked until it qualifies)."""
+    def pull(self, clock: int, timeout: float | None = None, observer: bool = False) -> PullHandle:
+        """Ask every server for its range as of a read at ``clock`` (parked until it qualifies).
+
+        An ``observer`` pull (no HELLO needed; e.g. to export or inspect the
+        weights) reads whatever the servers hold now and counts as no worker.
+        """
         t = self.settings.read_timeout if timeout is None else timeout
         head = {"w": self.worker_id, "clk": clock, "ph": self.plan.hash, "dl": max(1, int(t * 1000))}
+        if observer:
+            head["obs"] = True
         # the local deadline is a little later than the server's, so the server's
         # typed STALE_TIMEOUT (naming the blockers) arrives first
         futs = [self.request(k, MsgType.PULL, head, timeout=t + min(5.0, 0.1 * t + 0.5))

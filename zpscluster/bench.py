@@ -68,6 +68,10 @@ SECTIONS = ("bulk", "small", "update", "memory", "train")
 LR = 0.01
 #: Seconds any single request, command or wait of the benchmark may take.
 OP_TIMEOUT = 120.0
+#: Liveness and retry timers of the zps roles the benchmark starts (default 10 s each): a loaded
+#: machine should measure speed, not time-outs (docs/BENCHMARKS.md: a 64M push to a server that
+#: runs torch on 2 threads took longer than 10 s here, and the server then fenced its own client).
+LIVENESS_TIMEOUT = 60.0
 #: Seconds a helper process may take to print READY.
 READY_TIMEOUT = 90.0
 #: Small operations per timed call (a call pipelines them at the given depth).
@@ -274,7 +278,7 @@ class Bench:
             cmd = bin_cmd("ps-server", "--rank", str(k), "--num-servers", str(num_servers),
                           "--num-workers", str(num_workers), "--staleness", staleness,
                           "--bind", "tcp://127.0.0.1:0", "--optimizer", optimizer, "--lr", str(LR),
-                          "--log-level", "WARNING")
+                          "--worker-timeout", str(LIVENESS_TIMEOUT), "--log-level", "WARNING")
             out.append(self.spawn(cmd, f"{name}.{k}", ONE_THREAD_ENV if one_thread else None))
         return out
 
@@ -516,18 +520,23 @@ class BareClient:
 
 
 # =================================================================== zps client
+def client_settings():
+    """PSClient/PSWorker settings of the benchmark: long request, read and retry timers."""
+    from common.config import ClientSettings
+    return ClientSettings(request_timeout=OP_TIMEOUT, read_timeout=OP_TIMEOUT, attempt_timeout=LIVENESS_TIMEOUT)
+
+
 class ZpsClient:
     """A PSClient registered with a job whose plan is one tensor of ``n`` elements (or ``specs``)."""
 
     def __init__(self, endpoints: Sequence[str], n: int, worker_id: int = 0,
                  specs: list | None = None, init=None):
         import numpy as np
-        from common.config import ClientSettings
         from common.plan import PartitionPlan
         from worker.client import PSClient
         self.n = n
         self.plan = PartitionPlan.build(specs or [("w", (n,), "float32")], len(endpoints))
-        settings = ClientSettings(request_timeout=OP_TIMEOUT, read_timeout=OP_TIMEOUT)
+        settings = client_settings()
         self.client = PSClient(list(endpoints), worker_id, settings=settings).start()
         try:
             self.client.hello(self.plan, OP_TIMEOUT)
@@ -885,14 +894,13 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
 def peer_worker_memory(cfg: dict) -> None:
     """A PSWorker training a d x d linear layer; reports its own RSS figures."""
     import torch
-    from common.config import ClientSettings
     from worker.session import PSWorker
     base = proc_status()
     _emit("READY", {"role": "worker-memory", "baseline_rss": base["VmRSS"]})
     d = cfg["d"]
     torch.manual_seed(0)
     model = torch.nn.Linear(d, d, bias=False)
-    settings = ClientSettings(request_timeout=OP_TIMEOUT, read_timeout=OP_TIMEOUT)
+    settings = client_settings()
     w = PSWorker(model, cfg["endpoints"], cfg["worker"], settings=settings).start(OP_TIMEOUT)
     x = torch.randn(8, d)
     try:
@@ -1006,9 +1014,8 @@ def peer_train(cfg: dict) -> None:
         def finish():
             pass
     else:
-        from common.config import ClientSettings
         from worker.session import PSWorker
-        settings = ClientSettings(request_timeout=OP_TIMEOUT, read_timeout=OP_TIMEOUT)
+        settings = client_settings()
         worker = PSWorker(model, cfg["endpoints"], 0, settings=settings).start(OP_TIMEOUT)
 
         def step():

@@ -16,7 +16,7 @@ The results folder gets (all small, all reproducible from ``runs/``):
 
     runs.csv       one row per run: the grid keys, seed, wall_seconds, time_to_target, ...
     summary.csv    the runs aggregated over seeds (mean, std, min, max; reached count)
-    curves.csv     worker 0's evaluation rows of every run (the data behind the plots)
+    curves.csv     worker 0's evaluation rows of every run (the data behind the curves; join on cell_id)
     manifest.toml  the resolved grid
     *.png          the plots (matplotlib, Agg)
     report.md      grid, tables, plots and findings computed from the data
@@ -651,12 +651,10 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
                               for r in rows)
             out.append(f"  Share of the workers' training time spent waiting for the bound: {waits}; "
                        f"observed read staleness mean/max: {stale}.")
-        if bsp is not None:
-            worst = max(rows, key=lambda r: staleness_order(r["staleness"]))
-            if worst is not bsp:
-                d = worst["final_metric_mean"] - bsp["final_metric_mean"]
-                loss = (-d if hib else d)
-                losses[fkey] = (loss, str(worst["staleness"]), metric)
+        if bsp is not None and len(rows) > 1:
+            sign = -1.0 if hib else 1.0
+            losses[fkey] = ([(str(r["staleness"]), sign * (r["final_metric_mean"] - bsp["final_metric_mean"]))
+                             for r in rows if r is not bsp], metric)
     for key in other:
         vals = sorted({r[key] for r in summary_rows}, key=str)
         if key == "straggler" and len(vals) > 1:
@@ -711,21 +709,22 @@ def _ranking_change(key: str, other: Sequence[str], rankings: Mapping[tuple, lis
     return out
 
 
-def _sensitivity(key: str, other: Sequence[str], losses: Mapping[tuple, tuple[float, str, str]]) -> list[str]:
+def _sensitivity(key: str, other: Sequence[str], losses: Mapping[tuple, tuple[list, str]]) -> list[str]:
     idx = list(other).index(key)
     by: dict[tuple, list] = {}
-    for fkey, (loss, worst, metric) in losses.items():
+    for fkey, (per_bound, metric) in losses.items():
         rest = fkey[:idx] + fkey[idx + 1:]
-        by.setdefault(rest, []).append((loss, str(fkey[idx]), worst, metric))
+        mean = statistics.fmean(loss for _, loss in per_bound)
+        by.setdefault(rest, []).append((mean, str(fkey[idx]), per_bound, metric))
     out = []
     for rest, items in by.items():
-        items.sort()
+        items.sort(key=lambda t: t[0])
         rest_keys = [k for k in other if k != key]
         metric = items[0][3]
-        out.append(f"Cost of staleness by {key} ({_label(dict(zip(rest_keys, rest)), rest_keys)}): final {metric} "
-                   f"at the largest bound minus BSP's, in the worse direction — "
-                   + ", ".join(f"{v}: {loss:+.4f} (s={w})" for loss, v, w, _ in items)
-                   + f". {items[-1][1]} suffered most, {items[0][1]} least.")
+        desc = "; ".join(f"{v}: " + ", ".join(f"s={b} {loss:+.4f}" for b, loss in pb) for _, v, pb, _ in items)
+        out.append(f"Cost of staleness by {key} ({_label(dict(zip(rest_keys, rest)), rest_keys)}): how much worse "
+                   f"the final {metric} was than BSP's (positive: staleness hurt, negative: it helped) — {desc}. "
+                   f"Averaged over the stale bounds, {items[-1][1]} suffered most and {items[0][1]} least.")
     return out
 
 
@@ -847,8 +846,9 @@ def write_results(m: Manifest, out: str, command: str = "", failed: Sequence[str
             curves.append({"cell_id": cell.cell_id, **cell.keys(), "seed": cell.seed, **e})
     columns = list(GRID_KEYS) + ["seed"] + list(RUN_FIELDS)
     write_csv(os.path.join(out, "runs.csv"), rows, columns)
-    write_csv(os.path.join(out, "curves.csv"), curves,
-              ["cell_id"] + list(GRID_KEYS) + ["seed", "clock", "elapsed", "eval", "eval_loss"])
+    write_csv(os.path.join(out, "curves.csv"),
+              [{**c, **{k: round(c[k], 6) for k in ("elapsed", "eval", "eval_loss") if k in c}} for c in curves],
+              ["cell_id", "clock", "elapsed", "eval", "eval_loss"])
     agg = aggregate(rows)
     agg.sort(key=lambda r: tuple(staleness_order(r[k]) if k == "staleness" else str(r[k]) for k in GRID_KEYS))
     agg_cols = list(GRID_KEYS) + ["metric", "target", "seeds", "reached"] + [

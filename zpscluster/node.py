@@ -616,7 +616,8 @@ def node_parser() -> argparse.ArgumentParser:
     place.add_argument("--roles", default="", metavar="SPEC",
                        help="one role per rank, e.g. 'c,s*2,w*3' (overrides --servers/--workers/--coordinator-rank)")
     net = p.add_argument_group("addresses")
-    net.add_argument("--coordinator", default="", metavar="URL", help="the coordinator's URL (skips the host/port rules)")
+    net.add_argument("--coordinator", default="", metavar="URL",
+                     help="the coordinator's URL (skips the host/port rules)")
     net.add_argument("--coordinator-host", default="", metavar="HOST",
                      help="host of the coordinator rank [MASTER_ADDR, first Slurm node, env ZPS_COORDINATOR_HOST]")
     net.add_argument("--port", type=int, default=None,
@@ -629,7 +630,8 @@ def node_parser() -> argparse.ArgumentParser:
                      help="servers bind PORT + local rank (0: any free port) [0]")
     net.add_argument("--connect-timeout", type=float, default=300.0,
                      help="seconds servers and workers wait for the coordinator [300]")
-    net.add_argument("--curve-keys", default=None, metavar="DIR", help="CURVE key folder, passed to every role")
+    net.add_argument("--curve-keys", default=None, metavar="DIR",
+                     help="CURVE key folder, for the doctor and every role (needs the roles' --curve-keys)")
     p.add_argument("--doctor", action="store_true",
                    help="run ps-doctor's checks from this host before the role starts; exit 1 if one fails")
     return p

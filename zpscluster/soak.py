@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         c.plan = plan
         t0 = time.monotonic()
         try:
-            m = c.pull(0, timeout=20).wait(30)[0]
+            m = c.pull(0, timeout=20, observer=True).wait(30)[0]
         except ZPSError as exc:
             report["violations"].append(f"read failed: {exc}")
             return
