@@ -79,7 +79,9 @@ def test_a_killed_server_restored_from_its_checkpoint_lets_training_finish(procs
     print(f"restored step {stats['restored_step']} from {os.path.basename(last)}; acknowledged pushes {acked}, "
           f"applied {stats['step']}: updates lost {lost} (checkpoint interval 25)")
     assert stats["restored_step"] == meta["step"]
-    assert 0 <= lost <= 25 + 2 * 4   # since the checkpoint, plus pushes in flight at the kill
+    # acknowledged updates lost: at most those since the checkpoint plus pushes in flight at the kill;
+    # it can be below zero by the pushes in flight: applied (and checkpointed) but never acknowledged
+    assert -2 * 4 <= lost <= 25 + 2 * 4
 
 
 def test_restore_gives_back_parameters_optimizer_state_clocks_and_ledger_exactly(tmp_path):

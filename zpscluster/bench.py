@@ -1341,7 +1341,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.what_if is None:
         opts.what_if = not opts.quick
     opts.min_rep_s = 0.1 if opts.quick else 0.3
-    opts.train_rep_s = 0.4 if opts.quick else 1.5
+    opts.train_rep_s = 0.4 if opts.quick else 2.5
     opts.memory_rounds = 4 if opts.quick else 8
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
