@@ -190,6 +190,8 @@ class ServerSettings:
     coordinator: str = setting("", "coordinator address tcp://HOST:PORT; the job's settings then come from it")
     advertise: str = setting("", "host name or address workers should use to reach this server "
                                  "(default: the bound address; this host's address for a wildcard bind)")
+    interface: str = setting("", "network card (e.g. eth0) whose address to bind and advertise; "
+                                 "replaces a loopback --bind host, kept beside a wildcard one")
     num_servers: int = setting(1, "servers in the job")
     num_workers: int = setting(1, "workers in the job (ids 0..num_workers-1)")
     staleness: Any = setting(0, "staleness bound s: 0 = BSP, k = SSP, inf = ASP")
@@ -311,6 +313,12 @@ class CoordinatorSettings:
     """The coordinator: membership, ranks, address book, barriers, liveness."""
 
     bind: str = setting("tcp://127.0.0.1:0", "ZeroMQ endpoint to bind (port 0 picks a free port)")
+    advertise: str = setting("", "host name or address the other hosts use to reach the coordinator "
+                                 "(default: the bound address; this host's address for a wildcard bind)")
+    interface: str = setting("", "network card (e.g. eth0) whose address to bind and advertise; "
+                                 "replaces a loopback --bind host, kept beside a wildcard one")
+    reach_timeout: float = setting(3.0, "seconds to check that a registering server's advertised endpoint "
+                                        "is reachable from the coordinator (0: no check)")
     register_timeout: float = setting(600.0, "seconds to wait for every role to register before giving up")
     done_grace: float = setting(30.0, "seconds servers get to leave after the last worker finished")
     job: JobSettings = dataclasses.field(default_factory=JobSettings)
@@ -319,6 +327,7 @@ class CoordinatorSettings:
     def __post_init__(self):
         _positive("register_timeout", self.register_timeout)
         _positive("done_grace", self.done_grace)
+        _positive("reach_timeout", self.reach_timeout, allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)

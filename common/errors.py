@@ -33,6 +33,7 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 11        # a bounded queue is full
     SHUTTING_DOWN = 12     # server is stopping
     INTERNAL = 13          # unexpected server failure (logged server side)
+    UNREACHABLE = 14       # coordinator cannot reach the endpoint a server advertised
 
 
 class ZPSError(Exception):

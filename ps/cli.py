@@ -40,6 +40,13 @@ def server_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     setup_logging(ns.log_level, f"server[{settings.rank if not settings.coordinator else '?'}]")
+    from common.netaddr import apply_interface, check_advertisable, peers_are_remote
+
+    try:
+        bind, advertise = apply_interface(settings.bind, settings.advertise, settings.interface)
+    except ConfigError as exc:
+        return fail(str(exc))
+    settings = dataclasses.replace(settings, bind=bind, advertise=advertise)
     import zmq
 
     from common.control import CoordinatorLink
@@ -65,6 +72,11 @@ def server_main(argv: list[str] | None = None) -> int:
             return fail(str(exc), 1)
         bound = bound_endpoint(sock)
         endpoint = advertised_endpoint(bound, settings.advertise)
+        try:
+            check_advertisable(endpoint, peers_are_remote(settings.coordinator))
+        except ConfigError as exc:
+            sock.close(linger=0)
+            return fail(str(exc))
         warn_if_exposed(bound, curve=False)
         if settings.coordinator:
             link = CoordinatorLink(settings.coordinator, "server", ctx, timeout=120)
@@ -161,17 +173,29 @@ def coordinator_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     setup_logging(ns.log_level, "coordinator")
+    from common.netaddr import apply_interface, check_advertisable, is_loopback_host, split_endpoint
     from common.transport import advertised_endpoint, warn_if_exposed
     from ps.coordinator import Coordinator
 
     try:
+        bind, advertise = apply_interface(settings.bind, settings.advertise, settings.interface)
+    except ConfigError as exc:
+        return fail(str(exc))
+    settings = dataclasses.replace(settings, bind=bind)
+    try:
         coord = Coordinator(settings)
     except OSError as exc:
         return fail(str(exc), 1)
+    endpoint = advertised_endpoint(coord.endpoint, advertise)
+    try:  # bound beyond loopback: its peers may be on other hosts
+        check_advertisable(endpoint, not is_loopback_host(split_endpoint(coord.endpoint)[0]), role="coordinator")
+    except ConfigError as exc:
+        coord.shutdown(1)
+        return fail(str(exc))
     stop = on_stop_signal(lambda signum: coord.request_stop())
     coord.run_in_background()
     warn_if_exposed(coord.endpoint, curve=False)
-    print_ready("coordinator", 0, advertised_endpoint(coord.endpoint), bound=coord.endpoint, pid=os.getpid(),
+    print_ready("coordinator", 0, endpoint, bound=coord.endpoint, pid=os.getpid(),
                 job=settings.job.to_wire())
     while not coord.wait(0.5):
         pass

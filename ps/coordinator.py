@@ -28,6 +28,7 @@ from common.config import CoordinatorSettings
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import Message, MsgType
 from common.control import VERSION
+from common.netaddr import probe, unreachable_message
 from common.transport import bound_endpoint, make_router
 
 log = logging.getLogger("zps.coordinator")
@@ -238,6 +239,14 @@ class Coordinator:
             raise ProtocolError(f"role must be one of {ROLES}, got {role!r}")
         if role == "server" and not msg["endpoint"]:
             raise ProtocolError("a server must register with the endpoint workers should connect to")
+        if role == "server" and self.settings.reach_timeout > 0:
+            # fail fast: a server nobody can reach would only show up as workers timing out.
+            # Blocks this loop for at most reach_timeout; a reachable endpoint answers in a round trip.
+            ok, _, why = probe(msg["endpoint"], self.settings.reach_timeout)
+            if not ok:
+                text = unreachable_message(role, msg["want"], msg["host"], msg["pid"], msg["endpoint"], why)
+                log.error("%s", text)
+                raise ProtocolError(text, ErrorCode.UNREACHABLE)
         group = self.members[role]
         if want >= 0:
             m = self._member(role, want)

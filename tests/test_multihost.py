@@ -169,7 +169,6 @@ def test_doctor_passes_on_the_cluster_and_names_a_blocked_server_port(cluster, h
     cluster.unblock_all()
 
 
-@pytest.mark.xfail(strict=True, reason="needs coordinator wiring")
 def test_the_coordinator_refuses_a_server_advertising_an_address_it_cannot_reach(cluster, hosts):
     coord = hosts.start("a", "coordinator", bin_cmd("ps-coordinator", "--bind", "tcp://10.213.0.1:0",
                                                     "--num-servers", "1", "--num-workers", "1"))

@@ -95,7 +95,12 @@ def run_builtin(settings: WorkerSettings) -> int:
         job = probe.status()["job"]
     except ZPSError as exc:
         probe.close()
-        return fail(f"cannot reach coordinator {settings.coordinator}: {exc}", 1)
+        from common.netaddr import probe as reach
+
+        ok, _, why = reach(settings.coordinator, 3.0)
+        return fail(f"cannot reach coordinator {settings.coordinator}: {exc}"
+                    + ("" if ok else f" ({why})")
+                    + f"; check from this host with: bin/ps-doctor --coordinator {settings.coordinator}", 1)
     probe.close()
     name = settings.workload or job.get("workload", "")
     if not name:
