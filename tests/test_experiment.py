@@ -216,6 +216,25 @@ def test_findings_detect_a_u_shape_and_name_the_fastest_bound():
     assert "U-shaped: the minimum is at the interior bound s=3" in text
 
 
+def test_findings_flag_differences_within_one_standard_deviation():
+    rows = []
+    for s, ttts in (("0", (8.0, 10.0)), ("3", (3.0, 5.0)), ("inf", (4.0, 5.0))):
+        rows += [run_row(s, k, t, 0.4) for k, t in enumerate(ttts)]
+    text = "\n".join(ex.findings(ex.aggregate(rows), ["staleness"], {"mf": False}))
+    assert "staleness 3 reached rmse 0.5 first" in text
+    assert "within one standard deviation of s=inf (4.50 s)" in text
+    assert "U-shaped only within noise" in text
+
+
+def test_findings_rank_by_seeds_reached_before_time():
+    rows = [run_row("0", 0, 5.0, 0.4), run_row("0", 1, 6.0, 0.4),
+            run_row("inf", 0, 1.0, 0.4), run_row("inf", 1, "", 0.4)]
+    text = "\n".join(ex.findings(ex.aggregate(rows), ["staleness"], {"mf": False}))
+    assert "staleness 0 reached rmse 0.5 in the most seeds" in text
+    assert "faster where fewer seeds reached it: s=inf (1.00 s, 1/2)" in text
+    assert "BSP itself ranked first" in text
+
+
 def test_findings_say_when_the_curve_is_not_u_shaped_and_when_bsp_never_reaches():
     agg = summary_rows({"0": "", "3": 6.0, "inf": 4.0})
     text = "\n".join(ex.findings(agg, ["staleness"], {"mf": False}))

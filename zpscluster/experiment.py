@@ -610,6 +610,15 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
         best = ranked[0]
         parts = [f"**{label}**: staleness {best['staleness']} reached {metric} {target} first "
                  f"(mean {best['time_to_target_mean']:.2f} s over {best['reached']}/{n} seeds)"]
+        quicker = [r for r in ranked[1:] if r["time_to_target_mean"] < best["time_to_target_mean"]]
+        if quicker:
+            parts[0] = parts[0].replace(" first ", " in the most seeds ")
+            parts.append("faster where fewer seeds reached it: " + ", ".join(
+                f"s={r['staleness']} ({r['time_to_target_mean']:.2f} s, {r['reached']}/{n})" for r in quicker))
+        close = [r for r in ranked[1:] if r["reached"] == best["reached"] and _within_noise(best, r)]
+        if close:
+            parts.append("within one standard deviation of " + ", ".join(
+                f"s={r['staleness']} ({r['time_to_target_mean']:.2f} s)" for r in close))
         ttts = ", ".join(f"s={r['staleness']}: " + (f"{r['time_to_target_mean']:.2f} s"
                                                      + (f" ({r['reached']}/{n})" if r['reached'] < n else "")
                                                      if r["reached"] else "never")
@@ -623,7 +632,7 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
             else:
                 parts.append("BSP (s=0) never reached it")
         elif bsp is not None:
-            parts.append("BSP itself was fastest")
+            parts.append("BSP itself ranked first")
         out.append("; ".join(parts) + ".")
         if len(rows) >= 3:
             out.append(f"  Shape: {_shape(rows)}")
@@ -664,6 +673,12 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
     return out
 
 
+def _within_noise(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two groups' mean times-to-target differ by at most the larger of their standard deviations."""
+    spread = max(a.get("time_to_target_std") or 0.0, b.get("time_to_target_std") or 0.0)
+    return abs(a["time_to_target_mean"] - b["time_to_target_mean"]) <= spread
+
+
 def _share(r: Mapping[str, Any]) -> float:
     busy = sum(r.get(f"{k}_mean") or 0.0 for k in ("wait_seconds", "compute_seconds", "delay_seconds"))
     span = (r.get("train_seconds_mean") or 0.0) * r["workers"]
@@ -679,6 +694,9 @@ def _shape(rows: Sequence[Mapping[str, Any]]) -> str:
     if math.isinf(vals[i]):
         return "no bound reached the target."
     if 0 < i < len(vals) - 1 and vals[0] > vals[i] and vals[-1] > vals[i]:
+        if any(_within_noise(rows[i], rows[k]) for k in (0, len(rows) - 1) if rows[k]["reached"]):
+            return (f"U-shaped only within noise: the minimum is at the interior bound s={bounds[i]} "
+                    f"({vals[i]:.2f} s) but an end of the curve is within one standard deviation of it.")
         def t(v: float) -> str:
             return "never" if math.isinf(v) else f"{v:.2f} s"
         return (f"U-shaped: the minimum is at the interior bound s={bounds[i]} ({vals[i]:.2f} s), "
