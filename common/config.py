@@ -267,7 +267,8 @@ class JobSettings:
     steps: int = setting(0, "iterations (clocks) per worker (0: the workload's default)")
     seed: int = setting(0, "seed of the model, the data split and the straggler draws")
     batch_size: int = setting(0, "per-worker batch size (0: the workload's default)")
-    straggler: str = setting("none", "straggler profile: none, RANK:FACTOR or random:P:FACTOR")
+    straggler: str = setting("none", "straggler profile: none, RANK:FACTOR, random:P:FACTOR, "
+                                     "pause:RANK|all:EVERY:SECONDS, dist:KIND:..., A+B (worker/stragglers.py)")
     eval_every: int = setting(0, "worker 0 evaluates the metric every N clocks (0: about 20 times a run)")
     read_timeout: float = setting(120.0, "seconds a read may wait for the staleness bound")
     worker_timeout: float = setting(10.0, "seconds of silence after which a worker is dropped")
