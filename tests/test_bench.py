@@ -68,6 +68,10 @@ def test_quick_run_holds_every_section_with_its_figures(report):
     for per_size in update.values():
         for figs in per_size.values():
             assert {"copy", "sgd_momentum", "adam"} <= set(figs)
+    peers = report["peers"]
+    assert set(peers["rpc"]["bulk"]["1M"]) == {"push", "pull"}
+    assert {"push_d1", "pull_d1"} <= set(peers["rpc"]["small"])
+    assert "1M" in peers["gloo"]["all_reduce"]
     for who in ("server", "worker"):
         m = report["memory"][who]
         assert m["floor"] > 0 and m["baseline_rss"] > 0 and m["hwm"] >= m["baseline_rss"]

@@ -164,7 +164,7 @@ def test_a_restarted_worker_rejoins_and_finishes(launcher, tmp_path):
 
 def test_a_user_script_trains_through_ps_worker(procs, tmp_path):
     coord = procs.start(bin_cmd("ps-coordinator", "--num-servers", "1", "--num-workers", "2", "--staleness", "2",
-                                "--optimizer", "sgd", "--lr", "0.2", "--steps", "150"), "coordinator")
+                                "--optimizer", "sgd", "--lr", "0.2", "--steps", "300"), "coordinator")
     url = coord.wait_ready(60)["endpoint"]
     procs.start(bin_cmd("ps-server", "--coordinator", url), "server0").wait_ready(60)
     workers = [procs.start(bin_cmd("ps-worker", "--coordinator", url, "--out", str(tmp_path), "--",

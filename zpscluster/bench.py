@@ -95,7 +95,7 @@ TARGETS = {
 }
 AT_MOST = frozenset({"server_memory_vs_floor"})
 REQUIRED_RATIOS = tuple(TARGETS)
-REQUIRED_SECTIONS = ("meta", "bulk", "small", "update", "memory", "train", "ratios", "targets")
+REQUIRED_SECTIONS = ("meta", "bulk", "small", "update", "peers", "memory", "train", "ratios", "targets")
 
 
 # =================================================================== figures
@@ -1084,6 +1084,26 @@ def bench_train(b: Bench, res: dict) -> None:
             b.end(*jobs.values())
 
 
+# =================================================================== 4. peers (a view)
+def collect_peers(res: dict) -> None:
+    """Gather the torch rpc and gloo figures (measured inside bulk and small) into ``res["peers"]``."""
+    peers: dict = {"notes": "measured side by side inside bulk and small (same figures): rpc = TensorPipe "
+                            "backend, a RpcParameterServer object owned by another process (PyTorch's "
+                            "parameter-server tutorial pattern), push = rpc_sync(apply_gradient) with SGD, "
+                            "pull = rpc_sync(get_weights), small calls = rpc_async at depth 1 and 8; gloo = "
+                            "all_reduce between two processes",
+                   "rpc": {"bulk": {}, "small": {}}, "gloo": {"all_reduce": {}}}
+    for key, figs in res.get("bulk", {}).get("figures", {}).items():
+        peers["rpc"]["bulk"][key] = {op: figs[op]["rpc"] for op in ("push", "pull")}
+        peers["gloo"]["all_reduce"][key] = figs["exchange"]["gloo_all_reduce"]
+    for group, figs in res.get("small", {}).get("figures", {}).items():
+        if "rpc" in figs:
+            peers["rpc"]["small"][group] = figs["rpc"]
+        if "gloo_all_reduce" in figs:
+            peers["gloo"]["all_reduce_small"] = figs["gloo_all_reduce"]
+    res["peers"] = peers
+
+
 # =================================================================== ratios & report
 def _med(fig: dict | None) -> float | None:
     return None if fig is None else fig.get("median")
@@ -1369,6 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_small(b, res, rp)
         if rp is not None:
             peers_stop(b, rp)
+            collect_peers(res)
         if "update" in sections:
             bench_update(b, opts.sizes, res)
         if "memory" in sections:
