@@ -53,6 +53,11 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+#: help text of every role's ``curve_keys`` setting
+CURVE_HELP = ("CurveZMQ key folder written by bin/ps-keygen: encrypts and authenticates every "
+              "socket of this role (give it to every role of the job); empty: plain text")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransportSettings:
     """ZeroMQ socket options shared by every role."""
@@ -86,6 +91,7 @@ class ClientSettings:
     backoff_max: float = setting(2.0, "cap of the exponential backoff between attempts, seconds")
     faults: str = setting("none", "fault injection on sends, e.g. 'drop=0.1,dup=0.1,types=PUSH' (tests, experiments)")
     fault_seed: int = setting(0, "seed of the fault injector")
+    curve_keys: str = setting("", CURVE_HELP)
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
     def __post_init__(self):
@@ -216,6 +222,7 @@ class ServerSettings:
     checkpoint_keep: int = setting(3, "checkpoints kept per server")
     restore: bool = setting(False, "resume from the newest complete checkpoint in checkpoint_dir")
     checkpoint_pause: float = setting(0.0, "testing only: seconds to pause between checkpoint files")
+    curve_keys: str = setting("", CURVE_HELP)
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
     def __post_init__(self):
@@ -323,6 +330,7 @@ class CoordinatorSettings:
     register_timeout: float = setting(600.0, "seconds to wait for every role to register before giving up")
     done_grace: float = setting(30.0, "seconds servers get to leave after the last worker finished")
     job: JobSettings = dataclasses.field(default_factory=JobSettings)
+    curve_keys: str = setting("", CURVE_HELP)
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
     def __post_init__(self):
@@ -343,6 +351,7 @@ class WorkerSettings:
     progress: str = setting("auto", "progress display: auto (a bar on a terminal, lines otherwise), bar, lines, off")
     device: str = setting("cpu", "torch device for the model: cpu, cuda, cuda:N")
     register_timeout: float = setting(300.0, "seconds to wait for the coordinator and every server")
+    curve_keys: str = setting("", CURVE_HELP)
 
     def __post_init__(self):
         if self.progress not in ("auto", "bar", "lines", "off"):

@@ -22,6 +22,8 @@ from common import protocol as proto
 from common.config import JobSettings
 from common.errors import ClosedError, DeadlineExceeded, ProtocolError, remote_error
 from common.protocol import Message, MsgType
+from common.security import CurveKeys
+from common.transport import make_dealer
 
 log = logging.getLogger("zps.control")
 
@@ -55,12 +57,17 @@ def request_once(endpoint: str, msg_type: MsgType, header: dict | None = None, t
 class CoordinatorLink:
     """Talks to the coordinator for one role process."""
 
-    def __init__(self, url: str, role: str, ctx: zmq.Context | None = None, timeout: float = 30.0):
+    def __init__(self, url: str, role: str, ctx: zmq.Context | None = None, timeout: float = 30.0,
+                 keys: CurveKeys | None = None):
+        """``keys``: CURVE keys holding a client pair (None: plain text)."""
         if not url:
             raise ValueError("no coordinator address: pass --coordinator tcp://HOST:PORT or set ZPS_COORDINATOR")
         self.url = url
         self.role = role
         self.timeout = timeout
+        self.keys = keys
+        if keys is not None:
+            keys.require_client()
         self.rank = -1
         self.inc = int.from_bytes(os.urandom(4), "little") | 1
         self._own_ctx = ctx is None
@@ -74,10 +81,7 @@ class CoordinatorLink:
         self._closed = False
 
     def _dealer(self) -> zmq.Socket:
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 1000)
-        s.connect(self.url)
-        return s
+        return make_dealer(self.ctx, self.url, keys=self.keys)
 
     def call(self, msg_type: MsgType, header: dict | None = None, timeout: float | None = None,
              sock: zmq.Socket | None = None) -> Message:

@@ -2,7 +2,10 @@
 
 Every socket gets a finite LINGER and explicit high-water marks; ROUTER
 sockets get ROUTER_MANDATORY (a reply to a vanished peer is an error, never
-a silent drop) and MAXMSGSIZE when configured.
+a silent drop) and MAXMSGSIZE when configured.  Given ``keys``
+(``common.security.CurveKeys``) a ROUTER is a CURVE server and a DEALER a
+CURVE client; a CURVE ROUTER needs an ``Authenticator`` running on its
+context first.
 """
 from __future__ import annotations
 
@@ -14,11 +17,17 @@ from urllib.parse import urlparse
 
 import zmq
 
+from common.config import TransportSettings
+from common.security import CurveKeys, secure_client, secure_server
+
 log = logging.getLogger("zps.transport")
 
 
-def make_router(ctx: zmq.Context, bind: str, transport) -> zmq.Socket:
-    """A ROUTER socket with zps's options, bound to ``bind`` (port 0 picks a free port)."""
+def make_router(ctx: zmq.Context, bind: str, transport, keys: CurveKeys | None = None) -> zmq.Socket:
+    """A ROUTER socket with zps's options, bound to ``bind`` (port 0 picks a free port).
+
+    With ``keys`` it is a CURVE server (start an ``Authenticator`` on ``ctx`` first).
+    """
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, int(transport.linger * 1000))
@@ -26,11 +35,35 @@ def make_router(ctx: zmq.Context, bind: str, transport) -> zmq.Socket:
     sock.setsockopt(zmq.RCVHWM, transport.rcvhwm)
     if transport.max_msg_bytes:
         sock.setsockopt(zmq.MAXMSGSIZE, transport.max_msg_bytes)
+    if keys is not None:
+        try:
+            secure_server(sock, keys)
+        except BaseException:
+            sock.close(linger=0)
+            raise
     try:
         sock.bind(_zmq_bind_form(bind))
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         raise OSError(f"cannot bind {bind}: {exc} (is the port in use, or the address not on this host?)") from None
+    return sock
+
+
+def make_dealer(ctx: zmq.Context, endpoint: str, transport: TransportSettings | None = None,
+                keys: CurveKeys | None = None) -> zmq.Socket:
+    """A DEALER socket with zps's options, connected to ``endpoint``; a CURVE client with ``keys``."""
+    transport = transport or TransportSettings()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, int(transport.linger * 1000))
+    sock.setsockopt(zmq.SNDHWM, transport.sndhwm)
+    sock.setsockopt(zmq.RCVHWM, transport.rcvhwm)
+    if keys is not None:
+        try:
+            secure_client(sock, keys)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+    sock.connect(endpoint)
     return sock
 
 

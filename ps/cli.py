@@ -50,11 +50,17 @@ def server_main(argv: list[str] | None = None) -> int:
     import zmq
 
     from common.control import CoordinatorLink
+    from common.security import Authenticator, CurveKeys
     from common.transport import advertised_endpoint, bound_endpoint, make_router, port_of, warn_if_exposed
     from ps.server import ShardServer  # torch import is slow: after argument errors
 
+    try:  # a server serves workers and is a client of its coordinator
+        keys = CurveKeys.from_setting(settings.curve_keys, serve=True, connect=bool(settings.coordinator))
+    except ConfigError as exc:
+        return fail(str(exc))
     ctx = zmq.Context()
     link = None
+    auth = None
     if settings.restore and port_of(settings.bind) == 0:
         # take over the previous incarnation's address so workers reconnect by themselves
         from ps import checkpoint as ckpt
@@ -66,8 +72,10 @@ def server_main(argv: list[str] | None = None) -> int:
             settings = dataclasses.replace(settings, bind=meta.get("settings", {}).get("bind_endpoint")
                                            or meta.get("endpoint", settings.bind))
     try:
+        if keys is not None:
+            auth = Authenticator(ctx, keys).start()  # before the bind: no client unchecked
         try:
-            sock = make_router(ctx, settings.bind, settings.transport)
+            sock = make_router(ctx, settings.bind, settings.transport, keys)
         except OSError as exc:
             return fail(str(exc), 1)
         bound = bound_endpoint(sock)
@@ -77,9 +85,9 @@ def server_main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             sock.close(linger=0)
             return fail(str(exc))
-        warn_if_exposed(bound, curve=False)
+        warn_if_exposed(bound, curve=keys is not None)
         if settings.coordinator:
-            link = CoordinatorLink(settings.coordinator, "server", ctx, timeout=120)
+            link = CoordinatorLink(settings.coordinator, "server", ctx, timeout=120, keys=keys)
             try:
                 rank, job = link.register(settings.rank if _rank_given(ns) else -1, endpoint)
             except ZPSError as exc:
@@ -89,7 +97,7 @@ def server_main(argv: list[str] | None = None) -> int:
             logging.getLogger().handlers[0].setFormatter(logging.Formatter(
                 f"%(asctime)s server[{rank}] %(levelname)s %(name)s: %(message)s"))
         try:
-            server = ShardServer(settings, ctx, sock=sock)
+            server = ShardServer(settings, ctx, sock=sock, authenticator=auth)
         except (ConfigError, OSError) as exc:
             sock.close(linger=0)
             return fail(str(exc), 1)
@@ -112,6 +120,8 @@ def server_main(argv: list[str] | None = None) -> int:
     finally:
         if link is not None:
             link.close()
+        if auth is not None:
+            auth.stop(timeout=5.0)
         ctx.destroy(linger=1000)
 
 
@@ -184,6 +194,8 @@ def coordinator_main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(settings, bind=bind)
     try:
         coord = Coordinator(settings)
+    except ConfigError as exc:
+        return fail(str(exc))
     except OSError as exc:
         return fail(str(exc), 1)
     endpoint = advertised_endpoint(coord.endpoint, advertise)
@@ -194,7 +206,7 @@ def coordinator_main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     stop = on_stop_signal(lambda signum: coord.request_stop())
     coord.run_in_background()
-    warn_if_exposed(coord.endpoint, curve=False)
+    warn_if_exposed(coord.endpoint, curve=coord.keys is not None)
     print_ready("coordinator", 0, endpoint, bound=coord.endpoint, pid=os.getpid(),
                 job=settings.job.to_wire())
     while not coord.wait(0.5):

@@ -29,6 +29,7 @@ from common.errors import ErrorCode, ProtocolError
 from common.protocol import Message, MsgType
 from common.control import VERSION
 from common.netaddr import probe, unreachable_message
+from common.security import Authenticator, CurveKeys
 from common.transport import bound_endpoint, make_router
 
 log = logging.getLogger("zps.coordinator")
@@ -74,7 +75,15 @@ class Coordinator:
         self._parked_addr: list[tuple[bytes, int, float]] = []
         self._parked_reg: list[tuple[bytes, Message, float]] = []
         self._barriers: dict[str, dict] = {}
-        self.sock = make_router(self.ctx, settings.bind, settings.transport)
+        self.keys = CurveKeys.from_setting(settings.curve_keys, serve=True)
+        # the ZAP handler runs before the socket binds: no client is ever let in unchecked
+        self.auth = Authenticator(self.ctx, self.keys).start() if self.keys is not None else None
+        try:
+            self.sock = make_router(self.ctx, settings.bind, settings.transport, self.keys)
+        except BaseException:
+            if self.auth is not None:
+                self.auth.stop(timeout=5.0)
+            raise
         self.endpoint = bound_endpoint(self.sock)
         self._stop = threading.Event()
         self._stopped = threading.Event()
@@ -105,6 +114,8 @@ class Coordinator:
     def _close(self) -> None:
         if not self.sock.closed:
             self.sock.close(linger=int(self.settings.transport.linger * 1000))
+            if self.auth is not None:
+                self.auth.stop(timeout=5.0)
             if self._own_ctx:
                 self.ctx.term()
 
@@ -374,4 +385,6 @@ class Coordinator:
                 "uptime": round(self._clock() - self.started, 3),
                 "servers": [view(m) for m in self.members["server"]],
                 "workers": [view(m) for m in self.members["worker"]],
-                "events": self.events[-200:]}
+                "events": self.events[-200:],
+                "curve": self.keys is not None,
+                **({"auth": self.auth.statistics()} if self.auth is not None else {})}

@@ -12,6 +12,11 @@ Lifecycle (as every long-lived zps component)::
     server = ShardServer(settings)      # binds; server.endpoint is the real address
     server.run_in_background()          # or server.serve() in the calling thread
     server.shutdown(timeout=5)          # ask, join; idempotent
+
+With ``settings.curve_keys`` the ROUTER is a CURVE server and the server
+starts (and, on shutdown, stops) the ``Authenticator`` of its context before
+binding; a caller that hands in its own ``sock`` runs that Authenticator
+itself and may pass it as ``authenticator`` for the statistics.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from ps.optim import OptimizerSpec, ShardOptimizer
 from ps.rules import ApplyOnArrival, DelayCompensation, PushLedger, SyncAveraging
 from ps.shard import ShardStore
 from ps.ssp import SSPGate
+from common.security import Authenticator, CurveKeys
 from common.transport import bound_endpoint, make_router
 
 log = logging.getLogger("zps.server")
@@ -51,7 +57,8 @@ class ShardServer:
     """Holds one range of the flat parameter vector and serves pushes and pulls."""
 
     def __init__(self, settings: ServerSettings, ctx: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic, sock: zmq.Socket | None = None):
+                 clock: Callable[[], float] = time.monotonic, sock: zmq.Socket | None = None,
+                 authenticator: Authenticator | None = None):
         self.settings = settings
         self._clock = clock
         self._own_ctx = ctx is None
@@ -83,7 +90,19 @@ class ShardServer:
         self._done = threading.Event()
         # The socket is created and bound here so ``endpoint`` is known at once;
         # after this it is used only by the thread that runs ``serve``.
-        self.sock = sock if sock is not None else make_router(self.ctx, settings.bind, settings.transport)
+        self.keys = CurveKeys.from_setting(settings.curve_keys, serve=True)
+        self.auth = authenticator
+        self._own_auth = False
+        if sock is None:
+            if self.keys is not None and self.auth is None:
+                self.auth = Authenticator(self.ctx, self.keys).start()  # before bind: no unchecked client
+                self._own_auth = True
+            try:
+                sock = make_router(self.ctx, settings.bind, settings.transport, self.keys)
+            except BaseException:
+                self._stop_auth()
+                raise
+        self.sock = sock
         self.endpoint = bound_endpoint(self.sock)
         self._wake_addr = f"inproc://zps-server-wake-{id(self)}"
         self._wake_rx = self.ctx.socket(zmq.PAIR)
@@ -140,8 +159,14 @@ class ShardServer:
         self._closed = True
         for s in (self._wake_tx, self._wake_rx, self.sock):
             s.close(linger=int(self.settings.transport.linger * 1000))
+        self._stop_auth()
         if self._own_ctx:
             self.ctx.term()
+
+    def _stop_auth(self) -> None:
+        if self._own_auth and self.auth is not None:
+            self.auth.stop(timeout=5.0)
+            self._own_auth = False
 
     # ------------------------------------------------------------ loop
     def serve(self) -> None:
@@ -570,6 +595,9 @@ class ShardServer:
         if self.dc is not None:
             s["dc"] = self.dc.stats()
         s["dead_workers"] = list(s["dead_workers"])
+        s["curve"] = self.keys is not None
+        if self.auth is not None:
+            s["auth"] = self.auth.statistics()
         s.update({
             "rank": self.settings.rank, "endpoint": self.endpoint, "sinc": self.incarnation,
             "plan_hash": self.plan.hash if self.plan else None,

@@ -90,10 +90,10 @@ def node_env(rank: int, local_rank: int, local_world: int, world: int = 5) -> di
             "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": "10.213.0.1", "MASTER_PORT": str(MASTER_PORT)}
 
 
-def test_digits_across_three_hosts_with_ps_node_reaches_the_target(cluster, hosts, tmp_path):
+def _digits_across_three_hosts(hosts, tmp_path, extra_flags=()):
     out = str(tmp_path / "out")
     job = [*bin_cmd("ps-node"), "--servers", "2", "--workers", "2", "--workload", "digits", "--steps", "300",
-           "--staleness", "2", "--out", out, "--save", str(tmp_path / "model.pt")]
+           "--staleness", "2", "--out", out, "--save", str(tmp_path / "model.pt"), *extra_flags]
     placement = [("a", 0, 0, 2, []), ("a", 1, 1, 2, []), ("b", 2, 0, 1, ["--interface", "zps0"]),
                  ("c", 3, 0, 2, []), ("c", 4, 1, 2, [])]
     procs = [hosts.start(h, f"rank{r}@{h}", job + extra, node_env(r, lr, lw)) for h, r, lr, lw, extra in placement]
@@ -108,9 +108,14 @@ def test_digits_across_three_hosts_with_ps_node_reaches_the_target(cluster, host
         assert p.wait(180) == 0, f"{p.name}: {p.tail(15)}"
     with open(os.path.join(out, "summary.json")) as fh:
         s = json.load(fh)
-    print(f"3 hosts, digits s=2: accuracy {s['eval_metric']['value']:.4f} in {s['wall_seconds']:.1f}s")
     assert s["eval_metric"]["name"] == "accuracy" and s["eval_metric"]["value"] >= 0.90
     assert s["workers"] == 2 and s["iterations"] == 600 and s["staleness_max"] <= 2
+    return s, procs
+
+
+def test_digits_across_three_hosts_with_ps_node_reaches_the_target(cluster, hosts, tmp_path):
+    s, _ = _digits_across_three_hosts(hosts, tmp_path)
+    print(f"3 hosts, digits s=2: accuracy {s['eval_metric']['value']:.4f} in {s['wall_seconds']:.1f}s")
 
 
 def _cluster_without_workers(cluster, hosts):
@@ -187,6 +192,12 @@ def test_the_coordinator_refuses_a_server_advertising_an_address_it_cannot_reach
     pytest.fail(f"the coordinator accepted server 0 advertising {info['endpoint']}, unreachable from it")
 
 
-@pytest.mark.skip(reason="CURVE wiring pending")
 def test_the_same_job_again_with_curve_on(cluster, hosts, tmp_path):
-    """The three-host digits job with --curve-keys on every role, and ps-doctor's curve row ok."""
+    """The three-host digits job with --curve-keys on every role: encrypted, authenticated, same result."""
+    from common.security import generate
+
+    keys = generate(str(tmp_path / "keys"), clients=1)["folder"]
+    s, procs = _digits_across_three_hosts(hosts, tmp_path, ["--curve-keys", keys])
+    text = " ".join(p.tail(400) for p in procs)
+    assert "neither encrypted nor authenticated" not in text   # no plain-text warning with CURVE on
+    print(f"3 hosts with CURVE: accuracy {s['eval_metric']['value']:.4f} in {s['wall_seconds']:.1f}s")

@@ -20,6 +20,7 @@ barrier and tells the coordinator this worker is done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Iterator
@@ -29,6 +30,7 @@ import torch
 from common.config import ClientSettings, JobSettings
 from common.control import CoordinatorLink
 from common.errors import ZPSError
+from common.security import CurveKeys
 from worker.session import PSWorker, ReadRecord
 from worker.workloads import partition
 
@@ -124,17 +126,22 @@ class Session:
 
 
 def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | None = None,
-         timeout: float = 300.0, settings: ClientSettings | None = None) -> Session:
+         timeout: float = 300.0, settings: ClientSettings | None = None,
+         curve_keys: str | None = None) -> Session:
     """Register ``model`` as a worker of the job run by ``coordinator``.
 
     ``coordinator`` defaults to ``$ZPS_COORDINATOR``; ``rank`` to
-    ``$ZPS_WORKER_RANK`` or any free rank.  Blocks until every server has
-    registered (at most ``timeout`` seconds).
+    ``$ZPS_WORKER_RANK`` or any free rank; ``curve_keys`` (the CurveZMQ key
+    folder, see docs/SECURITY.md) to ``$ZPS_CURVE_KEYS`` or plain text.
+    Blocks until every server has registered (at most ``timeout`` seconds).
     """
     url = coordinator or os.environ.get("ZPS_COORDINATOR", "")
     if rank is None:
         rank = int(os.environ.get("ZPS_WORKER_RANK", "-1"))
-    link = CoordinatorLink(url, "worker", timeout=timeout)
+    if curve_keys is None:
+        curve_keys = (settings.curve_keys if settings is not None else "") or os.environ.get("ZPS_CURVE_KEYS", "")
+    keys = CurveKeys.from_setting(curve_keys, connect=True)
+    link = CoordinatorLink(url, "worker", timeout=timeout, keys=keys)
     try:
         got, job = link.register(rank)
         servers = link.addresses(timeout)
@@ -142,6 +149,7 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
         cs = settings or ClientSettings(read_timeout=job.read_timeout, heartbeat_interval=job.heartbeat_interval,
                                         frame_elems=job.frame_elems, faults=job.faults,
                                         fault_seed=job.seed * 1000 + max(got, 0))
+        cs = dataclasses.replace(cs, curve_keys=curve_keys)
         pw = PSWorker(model, servers, got, settings=cs, incarnation=link.inc)
         pw.start(timeout)
     except BaseException:

@@ -54,6 +54,8 @@ def run_script(settings: WorkerSettings, command: list[str]) -> int:
         env["ZPS_WORKER_RANK"] = str(settings.rank)
     if settings.out:
         env["ZPS_OUT"] = settings.out
+    if settings.curve_keys:
+        env["ZPS_CURVE_KEYS"] = settings.curve_keys
     try:
         child = subprocess.Popen(command, env=env)
     except OSError as exc:
@@ -88,9 +90,14 @@ def run_builtin(settings: WorkerSettings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     from common.control import CoordinatorLink
+    from common.security import CurveKeys
 
+    try:
+        keys = CurveKeys.from_setting(settings.curve_keys, connect=True)
+    except ZPSError as exc:
+        return fail(str(exc))
     # The job (and so the workload and seed) comes from the coordinator; ask it first.
-    probe = CoordinatorLink(settings.coordinator, "worker", timeout=settings.register_timeout)
+    probe = CoordinatorLink(settings.coordinator, "worker", timeout=settings.register_timeout, keys=keys)
     try:
         job = probe.status()["job"]
     except ZPSError as exc:
@@ -112,7 +119,8 @@ def run_builtin(settings: WorkerSettings) -> int:
     torch.manual_seed(job.get("seed", 0))
     model = workload.build_model().to(settings.device)
     try:
-        session = join(model, settings.coordinator, settings.rank, timeout=settings.register_timeout)
+        session = join(model, settings.coordinator, settings.rank, timeout=settings.register_timeout,
+                       curve_keys=settings.curve_keys)
     except (ZPSError, OSError) as exc:
         return fail(f"cannot join the job: {exc}", 1)
     print_ready("worker", session.rank, "", pid=os.getpid(), servers=session.worker.client.endpoints,

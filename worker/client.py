@@ -33,6 +33,7 @@ from common.errors import ClosedError, DeadlineExceeded, ErrorCode, ProtocolErro
 from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
 from common.protocol import Message, MsgType
+from common.security import CurveKeys, secure_client
 
 log = logging.getLogger("zps.client")
 
@@ -126,7 +127,9 @@ class PSClient:
         self.server_inc: list[int | None] = [None] * len(self.endpoints)
         self.server_restarts = [0] * len(self.endpoints)
         self._fenced: list[int | None] = [None] * len(self.endpoints)  # restarts already acted on
-        self._secure = None  # callable(socket) applying CURVE, set by the owner before start()
+        self.keys = CurveKeys.from_setting(self.settings.curve_keys, connect=True)
+        # callable(socket) applying CURVE before connect; from settings.curve_keys, or set by the owner
+        self._secure = (lambda s: secure_client(s, self.keys)) if self.keys is not None else None
         spec = FaultSpec.parse(self.settings.faults, self.settings.fault_seed)
         self._faults = FaultInjector(spec, f"w{worker_id}") if spec.active else None
 

@@ -15,12 +15,24 @@ import sys
 from common.control import request_once
 from common.errors import ZPSError
 from common.protocol import MsgType
+from common.security import CurveKeys, secure_client
+
+
+def _add_curve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-keys", metavar="DIR", default=os.environ.get("ZPS_CURVE_KEYS", ""),
+                   help="CurveZMQ key folder of the job (server.key and a client pair) [env ZPS_CURVE_KEYS]")
+
+
+def _secure(args):
+    """The CURVE client set-up of ``--curve-keys`` for request_once (None: plain text)."""
+    keys = CurveKeys.from_setting(args.curve_keys, connect=True)
+    return None if keys is None else (lambda sock: secure_client(sock, keys))
 
 
 def _servers(args) -> list[str]:
     if args.servers:
         return [s.strip() for s in args.servers.split(",") if s.strip()]
-    status = request_once(args.coordinator, MsgType.STATUS, timeout=args.timeout)["status"]
+    status = request_once(args.coordinator, MsgType.STATUS, timeout=args.timeout, secure=args.secure)["status"]
     return [s["endpoint"] for s in status["servers"] if s["registered"]]
 
 
@@ -31,16 +43,18 @@ def ctl_main(argv: list[str] | None = None) -> int:
                    help="coordinator address tcp://HOST:PORT [env ZPS_COORDINATOR]")
     p.add_argument("--servers", default="", help="comma list of server endpoints (instead of --coordinator)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer [60]")
+    _add_curve(p)
     args = p.parse_args(argv)
     if not args.coordinator and not args.servers:
         p.error("give --coordinator URL or --servers EP1,EP2")
     try:
+        args.secure = _secure(args)
         if args.command == "checkpoint":
             for ep in _servers(args):
-                r = request_once(ep, MsgType.CHECKPOINT, timeout=args.timeout)
+                r = request_once(ep, MsgType.CHECKPOINT, timeout=args.timeout, secure=args.secure)
                 print(f"{ep}: step {r['step']} -> {r['path']}")
         elif args.command == "shutdown":
-            request_once(args.coordinator, MsgType.SHUTDOWN, timeout=args.timeout)
+            request_once(args.coordinator, MsgType.SHUTDOWN, timeout=args.timeout, secure=args.secure)
             print("job is ending: servers stop at their next heartbeat")
         else:
             return stat_main(argv[1:] if argv else sys.argv[2:])
@@ -56,14 +70,18 @@ def stat_main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="", help="comma list of server endpoints (instead of --coordinator)")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    _add_curve(p)
     args = p.parse_args(argv)
     if not args.coordinator and not args.servers:
         p.error("give --coordinator URL or --servers EP1,EP2")
     out: dict = {}
     try:
+        args.secure = _secure(args)
         if args.coordinator:
-            out["coordinator"] = request_once(args.coordinator, MsgType.STATUS, timeout=args.timeout)["status"]
-        out["servers"] = [request_once(ep, MsgType.STATS, timeout=args.timeout)["stats"] for ep in _servers(args)]
+            out["coordinator"] = request_once(args.coordinator, MsgType.STATUS, timeout=args.timeout,
+                                              secure=args.secure)["status"]
+        out["servers"] = [request_once(ep, MsgType.STATS, timeout=args.timeout, secure=args.secure)["stats"]
+                          for ep in _servers(args)]
     except ZPSError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

@@ -64,6 +64,9 @@ def launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--faults", default=None, help="fault injection on workers' sends, e.g. drop=0.1,dup=0.1")
     p.add_argument("--timeout", type=float, default=3600.0, help="stop everything after this many seconds [3600]")
     p.add_argument("--quiet", action="store_true", help="do not stream the roles' log lines")
+    p.add_argument("--curve-keys", metavar="DIR", default=os.environ.get("ZPS_CURVE_KEYS", ""),
+                   help="CurveZMQ key folder from bin/ps-keygen: every role encrypts and authenticates "
+                        "its sockets [off; env ZPS_CURVE_KEYS]")
     p.add_argument("--log-level", default="INFO", help="log level of every role [INFO]")
     return p
 
@@ -82,6 +85,8 @@ class Launch:
         self.failure: str | None = None
         self.coordinator_url = ""
         self.env = {"ZPS_LOG_LEVEL": args.log_level}
+        if args.curve_keys:  # every role reads it from its environment
+            self.env["ZPS_CURVE_KEYS"] = os.path.abspath(args.curve_keys)
         if "OMP_NUM_THREADS" not in os.environ:
             # S + W processes share this host's cores: without a cap every one starts a
             # thread per core and small models slow down by an order of magnitude
@@ -308,6 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.servers < 1 or args.workers < 1:
         sys.stderr.write("error: --servers and --workers must be at least 1\n")
         return 2
+    if args.curve_keys:  # one host runs every role: it needs the whole folder
+        from common.errors import ConfigError
+        from common.security import CurveKeys
+
+        try:
+            CurveKeys.from_setting(args.curve_keys, serve=True, connect=True)
+        except ConfigError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
     launch = Launch(args)
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     return launch.run()

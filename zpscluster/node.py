@@ -530,10 +530,13 @@ def job_args(args: argparse.Namespace, servers: int, workers: int) -> list[str]:
 
 # ------------------------------------------------------------------ running
 def wait_for_coordinator(url: str, timeout: float, role: str = "worker",
-                         monotonic: Callable[[], float] = time.monotonic) -> dict:
+                         monotonic: Callable[[], float] = time.monotonic, curve_keys: str = "") -> dict:
     """Retry until the coordinator answers STATUS; its status.  DeadlineExceeded naming the
-    last error after ``timeout`` seconds."""
+    last error after ``timeout`` seconds.  ``curve_keys``: the job's key folder (CURVE on)."""
     from common.control import CoordinatorLink
+    from common.security import CurveKeys
+
+    keys = CurveKeys.from_setting(curve_keys, connect=True) if curve_keys else None
 
     deadline = monotonic() + timeout
     last = "not tried"
@@ -542,7 +545,7 @@ def wait_for_coordinator(url: str, timeout: float, role: str = "worker",
         left = deadline - monotonic()
         ok, _, err = netaddr.probe(url, max(0.05, min(2.0, left)))
         if ok:
-            link = CoordinatorLink(url, role, timeout=max(0.5, min(5.0, left)))
+            link = CoordinatorLink(url, role, timeout=max(0.5, min(5.0, left)), keys=keys)
             try:
                 return link.status()
             except ZPSError as exc:
@@ -558,7 +561,8 @@ def wait_for_coordinator(url: str, timeout: float, role: str = "worker",
 
 
 #: ps-launch flags that steer the launcher itself; a launcher running ps-node has its own.
-LAUNCHER_ONLY = frozenset({"restarts", "timeout", "quiet", "help"})
+#: (curve_keys: ps-node declares its own --curve-keys, below.)
+LAUNCHER_ONLY = frozenset({"restarts", "timeout", "quiet", "help", "curve_keys"})
 
 
 def add_launch_flags(group) -> None:
@@ -650,7 +654,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         # first the coordinator: its host name may resolve only once its pod/node is up,
         # and this host's address is the one it uses to reach that host
         try:
-            wait_for_coordinator(loc.coordinator, args.connect_timeout, kind)
+            wait_for_coordinator(loc.coordinator, args.connect_timeout, kind, curve_keys=args.curve_keys or "")
         except DeadlineExceeded as exc:
             sys.stderr.write(f"error: ps-node rank {rank}: {exc}\n")
             return 1
@@ -680,7 +684,9 @@ def _doctor(plan: NodePlan, args: argparse.Namespace) -> bool:
     servers: list[str] = []
     if kind == "worker":
         from common.control import CoordinatorLink
-        link = CoordinatorLink(plan.coordinator, "worker", timeout=args.connect_timeout)
+        from common.security import CurveKeys
+        keys = CurveKeys.from_setting(args.curve_keys, connect=True) if args.curve_keys else None
+        link = CoordinatorLink(plan.coordinator, "worker", timeout=args.connect_timeout, keys=keys)
         try:
             servers = link.addresses(args.connect_timeout)
         except ZPSError as exc:
