@@ -222,6 +222,8 @@ class ServerSettings:
     checkpoint_keep: int = setting(3, "checkpoints kept per server")
     restore: bool = setting(False, "resume from the newest complete checkpoint in checkpoint_dir")
     checkpoint_pause: float = setting(0.0, "testing only: seconds to pause between checkpoint files")
+    torch_threads: int = setting(1, "torch intra-op threads of the server process (0: torch's default); "
+                                    "1 avoids an OpenMP wake-up per kernel on every small update")
     curve_keys: str = setting("", CURVE_HELP)
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 

@@ -53,6 +53,10 @@ def server_main(argv: list[str] | None = None) -> int:
     from common.security import Authenticator, CurveKeys
     from common.transport import advertised_endpoint, bound_endpoint, make_router, port_of, warn_if_exposed
     from ps.server import ShardServer  # torch import is slow: after argument errors
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
 
     try:  # a server serves workers and is a client of its coordinator
         keys = CurveKeys.from_setting(settings.curve_keys, serve=True, connect=bool(settings.coordinator))

@@ -282,8 +282,8 @@ class Bench:
             out.append(self.spawn(cmd, f"{name}.{k}", ONE_THREAD_ENV if one_thread else None))
         return out
 
-    def peer(self, kind: str, cfg: dict, name: str) -> RoleProcess:
-        return self.spawn(bin_cmd("ps-bench", "--peer", kind, "--peer-config", json.dumps(cfg)), name)
+    def peer(self, kind: str, cfg: dict, name: str, env: dict | None = None) -> RoleProcess:
+        return self.spawn(bin_cmd("ps-bench", "--peer", kind, "--peer-config", json.dumps(cfg)), name, env)
 
     def ready(self, *ps: RoleProcess) -> list[str]:
         return [p.wait_ready(READY_TIMEOUT).get("endpoint", "") for p in ps]
@@ -1068,10 +1068,13 @@ def bench_train(b: Bench, res: dict) -> None:
         ctls: dict[str, PeerControl] = {}
         try:
             eps = {j: b.ready(p)[0] for j, p in jobs.items()}
-            trainers["local"] = b.peer("train", {"model": kind, "mode": "local"}, f"train-{kind}-local")
+            env = None
+            if o.train_threads:
+                env = {"OMP_NUM_THREADS": str(o.train_threads), "MKL_NUM_THREADS": str(o.train_threads)}
+            trainers["local"] = b.peer("train", {"model": kind, "mode": "local"}, f"train-{kind}-local", env)
             for j, ep in eps.items():
                 trainers[f"zps_{j}"] = b.peer("train", {"model": kind, "mode": "zps", "endpoints": [ep]},
-                                              f"train-{kind}-{j}")
+                                              f"train-{kind}-{j}", env)
             for name, p in trainers.items():
                 ctls[name] = b.control(p)
             cands = {name: remote([c], {}, 1, "it/s") for name, c in ctls.items()}
@@ -1313,6 +1316,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--what-if", dest="what_if", action=argparse.BooleanOptionalAction, default=None,
                    help="add candidates served by a ps-server limited to one torch thread "
                         "[default: on, off with --quick]")
+    p.add_argument("--train-threads", type=int, default=0, metavar="N",
+                   help="torch threads of the local and zps trainers (OMP_NUM_THREADS) [default: torch's]")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (the required ratios need all)")
     p.add_argument("--peer", help=argparse.SUPPRESS)
@@ -1371,6 +1376,7 @@ def main(argv: list[str] | None = None) -> int:
                           "quick": opts.quick, "sizes": opts.sizes, "reps": opts.reps,
                           "warmup": opts.warmup, "min_rep_s": opts.min_rep_s,
                           "train_rep_s": opts.train_rep_s, "what_if": opts.what_if, "sections": sections,
+                          "train_threads": opts.train_threads or "torch default",
                           "units": "sizes in elements (1M = 2**20 fp32); GB/s = 1e9 bytes/s of payload",
                           "method": "candidates of a comparison interleaved per repetition; median (min, max) "
                                     "of the repetitions' mean rates",
