@@ -82,6 +82,7 @@ class ShardServer:
         self._stopping = False
         self._closed = False
         self._last_ckpt_time = clock()
+        self._drained_at = clock()  # the last time the receive queue was found empty
         self._last_ckpt_step = 0
         self.last_checkpoint = ""
         self.restored_from = ""
@@ -187,14 +188,18 @@ class ShardServer:
                     self._wake_rx.recv(zmq.NOBLOCK)
                     self._stopping = True
                     break
-                if self.sock in events:
+                if self.sock not in events:
+                    self._drained_at = self._clock()  # nothing waiting: everybody's news is in
+                else:
                     # time passed before these messages arrived: a worker silent past its
-                    # timeout is dead before its late message is handled
+                    # timeout (as of the last time the queue was empty) is dead before its
+                    # late message is handled
                     self._advance_time()
                     for _ in range(BATCH):
                         try:
                             frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
+                            self._drained_at = self._clock()
                             break
                         self._handle(frames)
                         if self._stopping:
@@ -216,14 +221,16 @@ class ShardServer:
                 self._close()
 
     def _advance_time(self) -> None:
-        released, expired, died = self.gate.poll(self._clock(), ready=self._initialized)
+        released, expired, died = self.gate.poll(self._clock(), ready=self._initialized,
+                                                 seen_until=self._drained_at)
         for w in died:
             log.warning("worker %d missed heartbeats for %.1fs: dropped from min_clock",
                         w, self.settings.worker_timeout)
             self.stats["dead_workers"].append(w)
         if died and self.rule is not None:
             self.rule.on_membership()
-            released2, expired2, _ = self.gate.poll(self._clock(), ready=self._initialized)
+            released2, expired2, _ = self.gate.poll(self._clock(), ready=self._initialized,
+                                                    seen_until=self._drained_at)
             released += released2
             expired += expired2
         for token in released:

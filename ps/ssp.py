@@ -143,15 +143,20 @@ class SSPGate:
                   if st.live and st.incarnation != -1]
         return min(times) if times else None
 
-    def poll(self, now: float, ready: bool = True) -> tuple[list[Any], list[Expired], list[int]]:
+    def poll(self, now: float, ready: bool = True,
+             seen_until: float | None = None) -> tuple[list[Any], list[Expired], list[int]]:
         """Apply time and clocks: ``(released tokens, expired reads, newly dead workers)``.
 
         ``ready=False`` (the server has no weights yet) releases nothing but
-        still expires and detects.
+        still expires and detects.  ``seen_until`` (default ``now``) is the
+        last time every message that had arrived was handled: a worker is dead
+        only if it was silent for ``worker_timeout`` before that, so a server
+        busy with one long request never declares its queued-up peers dead.
         """
         died = []
+        horizon = now if seen_until is None else min(now, seen_until)
         for i, st in enumerate(self.workers):
-            if st.live and st.incarnation != -1 and now - st.last_seen > self.worker_timeout:
+            if st.live and st.incarnation != -1 and horizon - st.last_seen > self.worker_timeout:
                 st.live = False
                 died.append(i)
         released, expired, keep = [], [], []

@@ -162,6 +162,10 @@ def test_a_fenced_worker_rejoins_at_the_current_min_clock(make_server):
             pw.read(); pw.zero_grad(); model(torch.randn(2, 4)).sum().backward(); pw.push()
         pw.flush(10)
         clock["now"] = 100.0              # the server has not heard from the worker for 100 s
+        deadline = __import__("time").monotonic() + 10
+        while 0 not in srv.snapshot_stats()["dead_workers"]:   # the server notices on its next wake-up
+            assert __import__("time").monotonic() < deadline, "the silent worker was never declared dead"
+            __import__("threading").Event().wait(0.05)
         pw.read(); pw.zero_grad(); model(torch.randn(2, 4)).sum().backward(); pw.push()
         pw.flush(10)
         assert pw.rejoins == 1
