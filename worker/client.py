@@ -324,17 +324,20 @@ class PSClient:
         self._ready.set()
         running = True
 
-        def transmit(req: _Request) -> None:
-            copies, delay = self._faults.plan(req.mtype.name) if self._faults else (1, 0.0)
-            if delay > 0:
-                heapq.heappush(timers, (time.monotonic() + delay, req.rid, -1 - req.attempt))
-                return
+        def send(req: _Request, copies: int) -> None:
             for _ in range(copies):
                 try:
                     socks[req.server].send_multipart(req.frames, zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     self.stats["send_blocked"] += 1
             self.stats["bytes_sent"] += req.nbytes * copies
+
+        def transmit(req: _Request) -> None:
+            copies, delay = self._faults.plan(req.mtype.name) if self._faults else (1, 0.0)
+            if delay > 0:  # held back by the fault injector: sent when its timer fires
+                heapq.heappush(timers, (time.monotonic() + delay, req.rid, -1 - req.attempt))
+                return
+            send(req, copies)
 
         def schedule(req: _Request) -> None:
             wait = req.attempt_timeout if req.attempt == 0 else min(
@@ -390,11 +393,7 @@ class PSClient:
                         continue
                     if attempt < 0:        # a send the fault injector held back
                         if -1 - attempt == req.attempt:
-                            for _ in range(1):
-                                try:
-                                    socks[req.server].send_multipart(req.frames, zmq.NOBLOCK, copy=False)
-                                except zmq.Again:
-                                    self.stats["send_blocked"] += 1
+                            send(req, 1)
                         continue
                     if attempt != req.attempt:
                         continue
