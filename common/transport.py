@@ -28,13 +28,8 @@ def make_router(ctx: zmq.Context, bind: str, transport, keys: CurveKeys | None =
 
     With ``keys`` it is a CURVE server (start an ``Authenticator`` on ``ctx`` first).
     """
-    sock = ctx.socket(zmq.ROUTER)
+    sock = _socket(ctx, zmq.ROUTER, transport)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.LINGER, int(transport.linger * 1000))
-    sock.setsockopt(zmq.SNDHWM, transport.sndhwm)
-    sock.setsockopt(zmq.RCVHWM, transport.rcvhwm)
-    if transport.max_msg_bytes:
-        sock.setsockopt(zmq.MAXMSGSIZE, transport.max_msg_bytes)
     if keys is not None:
         try:
             secure_server(sock, keys)
@@ -49,14 +44,27 @@ def make_router(ctx: zmq.Context, bind: str, transport, keys: CurveKeys | None =
     return sock
 
 
-def make_dealer(ctx: zmq.Context, endpoint: str, transport: TransportSettings | None = None,
-                keys: CurveKeys | None = None) -> zmq.Socket:
-    """A DEALER socket with zps's options, connected to ``endpoint``; a CURVE client with ``keys``."""
-    transport = transport or TransportSettings()
-    sock = ctx.socket(zmq.DEALER)
+def _socket(ctx: zmq.Context, kind: int, transport) -> zmq.Socket:
+    """A socket with the options every zps socket has: LINGER, high-water marks, MAXMSGSIZE."""
+    sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, int(transport.linger * 1000))
     sock.setsockopt(zmq.SNDHWM, transport.sndhwm)
     sock.setsockopt(zmq.RCVHWM, transport.rcvhwm)
+    if transport.max_msg_bytes:
+        sock.setsockopt(zmq.MAXMSGSIZE, transport.max_msg_bytes)
+    return sock
+
+
+def make_dealer(ctx: zmq.Context, endpoint: str, transport: TransportSettings | None = None,
+                keys: CurveKeys | None = None, reconnect_max: float | None = None) -> zmq.Socket:
+    """A DEALER socket with zps's options, connected to ``endpoint``; a CURVE client with ``keys``.
+
+    ``reconnect_max`` (seconds) caps ZeroMQ's exponential backoff when the peer is down.
+    """
+    sock = _socket(ctx, zmq.DEALER, transport or TransportSettings())
+    if reconnect_max is not None:
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(reconnect_max * 1000))
     if keys is not None:
         try:
             secure_client(sock, keys)

@@ -33,7 +33,8 @@ from common.errors import ClosedError, DeadlineExceeded, ErrorCode, ProtocolErro
 from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
 from common.protocol import Message, MsgType
-from common.security import CurveKeys, secure_client
+from common.security import CurveKeys
+from common.transport import make_dealer
 
 log = logging.getLogger("zps.client")
 
@@ -128,8 +129,6 @@ class PSClient:
         self.server_restarts = [0] * len(self.endpoints)
         self._fenced: list[int | None] = [None] * len(self.endpoints)  # restarts already acted on
         self.keys = CurveKeys.from_setting(self.settings.curve_keys, connect=True)
-        # callable(socket) applying CURVE before connect; from settings.curve_keys, or set by the owner
-        self._secure = (lambda s: secure_client(s, self.keys)) if self.keys is not None else None
         spec = FaultSpec.parse(self.settings.faults, self.settings.fault_seed)
         self._faults = FaultInjector(spec, f"w{worker_id}") if spec.active else None
 
@@ -296,20 +295,9 @@ class PSClient:
 
     # ------------------------------------------------------------ I/O thread
     def _socket(self, endpoint: str) -> zmq.Socket:
-        t = self.settings.transport
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, int(t.linger * 1000))
-        s.setsockopt(zmq.SNDHWM, t.sndhwm)
-        s.setsockopt(zmq.RCVHWM, t.rcvhwm)
-        if t.max_msg_bytes:
-            s.setsockopt(zmq.MAXMSGSIZE, t.max_msg_bytes)
         # a server that is down is retried by ZeroMQ with capped exponential backoff
-        s.setsockopt(zmq.RECONNECT_IVL, 100)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.settings.backoff_max * 1000))
-        if self._secure is not None:
-            self._secure(s)
-        s.connect(endpoint)
-        return s
+        return make_dealer(self.ctx, endpoint, self.settings.transport, self.keys,
+                           reconnect_max=self.settings.backoff_max)
 
     def _run(self) -> None:
         socks = [self._socket(ep) for ep in self.endpoints]
