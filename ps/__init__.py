@@ -2,7 +2,7 @@
 
     server       ShardServer: the ROUTER event loop of one server process
     shard        ShardStore (flat fp32 weights) and the pool of snapshots pulls are sent from
-    optim        OptimizerSpec and ShardOptimizer: torch.optim, fused, over the flat shard
+    optim        OptimizerSpec and ShardOptimizer: torch's functional fused optimizers over the flat shard
     ssp          SSPGate: clock table, liveness and parked reads, as pure logic
     rules        update rules (BSP averaging, apply on arrival), DC-ASGD, the push ledger
     checkpoint   atomic checkpoints of a shard and everything needed to resume

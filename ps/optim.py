@@ -1,9 +1,16 @@
-"""Server-side optimizers: one torch.optim optimizer over one flat shard.
+"""Server-side optimizers: torch's functional optimizers over one flat shard.
 
 A server holds its range of the model as one flat, contiguous fp32 tensor (the
-*shard*).  :class:`ShardOptimizer` updates it in place with a stock
-``torch.optim`` optimizer (SGD, Adam, AdamW, Adagrad); the update math is
-torch's own, never reimplemented here.
+*shard*).  :class:`ShardOptimizer` updates it in place with torch's own
+functional optimizer implementations (``torch.optim.sgd.sgd``,
+``torch.optim.adam.adam``, ``torch.optim.adamw.adamw``,
+``torch.optim.adagrad.adagrad``) -- the functions a ``torch.optim`` class's
+``step()`` calls, given the same arguments it passes with default settings --
+so the update math is torch's, never reimplemented here.  No
+``torch.optim.Optimizer`` object is built: constructing one imports
+``torch._dynamo`` (about 70 MiB of resident memory per process), and its
+``step()`` adds tens of microseconds of bookkeeping per call; calling the
+functions directly needs neither.
 
 Layout::
 
@@ -16,25 +23,35 @@ Layout::
 - The shard is cut into chunks ``[lo, hi)`` of ``chunk_elems`` elements (the
   last one shorter) by :func:`common.plan.frame_slices`, the same cut the wire
   uses, so the gradient frames of a push are the gradients of the chunks.
-  Each chunk is a view of the shard and is one "parameter" of the optimizer.
+  Each chunk is a view of the shard and is one "parameter" of the functional
+  call.
 - Every kind of optimizer state (``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ``momentum_buffer``, ``sum``) is one flat buffer of the
-  shard's length; ``optimizer.state[chunk]`` holds views into those buffers,
-  in the exact form torch.optim expects, so torch never allocates its own
-  state and a checkpoint is a handful of flat tensors.  Per-chunk ``step``
-  counters are 0-d views into one small flat fp32 buffer.
-- SGD creates ``momentum_buffer`` lazily as a copy of the first gradient
-  (with no dampening on that step).  To keep exactly that behaviour the state
-  stays empty until the first step; right after it the buffers torch created
-  are copied into the flat buffer and the state is re-pointed at its views.
-- The optimizer runs with ``fused=True`` where torch supports it for the
+  shard's length; the functions get per-chunk views of it, so torch never
+  allocates its own state and a checkpoint is a handful of flat tensors.
+  Per-chunk ``step`` counters (adam, adamw, adagrad) are 0-d views into one
+  small flat fp32 buffer, exactly the tensors torch keeps as ``state["step"]``.
+- SGD creates a chunk's ``momentum_buffer`` lazily as a copy of its first
+  gradient (with no dampening on that step).  To keep exactly that behaviour
+  a chunk whose momentum was never initialized is passed as ``None``; the
+  buffer torch creates is then copied into the flat buffer, and the chunk is
+  marked initialized (tracked per chunk, and saved in checkpoints).
+- The functions run with ``fused=True`` where torch supports it for the
   device and options (all four optimizers on CPU since torch 2.4), else with
   ``foreach=True``, else torch's per-tensor loop; a step is then a few
   vectorized kernels over the whole shard.
 
-Gradients are borrowed for the duration of :meth:`ShardOptimizer.step` only
-(``chunk.grad`` is reset to ``None`` afterwards) and never written to, so they
-may be read-only views of received network buffers.
+Segment steps: the state is per chunk, so one optimizer step may be applied
+as several calls, each over a run of consecutive chunks
+(``step(grads, first=k, count=False)``, ..., the last with ``count=True``);
+every chunk updates only its own weights, state and step counter, so the
+result equals one full-shard step bit for bit, in any order of the segments.
+:attr:`ShardOptimizer.steps` counts completed steps (calls with
+``count=True``).  A checkpoint taken between segments records per-chunk step
+counters (and momentum flags) and restores them exactly.
+
+Gradients are only read during :meth:`ShardOptimizer.step`, never written to
+or kept, so they may be read-only views of received network buffers.
 
 An :class:`OptimizerSpec` describes the optimizer as a frozen value that
 travels in configs and checkpoints as a plain dict (:meth:`OptimizerSpec.to_dict`).
@@ -47,6 +64,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from torch.optim.adagrad import adagrad as _adagrad
+from torch.optim.adam import adam as _adam
+from torch.optim.adamw import adamw as _adamw
+from torch.optim.sgd import sgd as _sgd
 
 from common.errors import ConfigError
 from common.plan import frame_slices
@@ -56,7 +77,7 @@ __all__ = ["OPTIMIZER_NAMES", "OptimizerSpec", "ShardOptimizer", "Implementation
 #: optimizer names an :class:`OptimizerSpec` accepts.
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "adagrad")
 
-#: how torch.optim runs the update; ``"auto"`` picks the first that works of
+#: how torch runs the update; ``"auto"`` picks the first that works of
 #: ``fused``, ``foreach``, ``forloop`` (torch's per-tensor loop).
 Implementation = Literal["auto", "fused", "foreach", "forloop"]
 
@@ -227,11 +248,21 @@ def _boolean(field: str, value: Any) -> None:
         raise ConfigError(f"OptimizerSpec.{field} must be True or False, got {value!r}")
 
 
-_STATE_KEYS = ("spec", "steps", "numel", "param_step", "buffers")
+#: keys of a :meth:`ShardOptimizer.state_dict`; ``momentum_init`` may be
+#: missing from states saved before it existed.
+_STATE_KEYS = ("spec", "steps", "numel", "param_step", "momentum_init", "buffers")
+_OPTIONAL_STATE_KEYS = ("momentum_init",)
+
+#: keyword flags of the functional call for each implementation.
+_FLAGS: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True, "foreach": False},
+    "foreach": {"fused": False, "foreach": True},
+    "forloop": {"fused": False, "foreach": False},
+}
 
 
 class ShardOptimizer:
-    """Runs one torch.optim optimizer over a flat shard, updating it in place.
+    """Runs torch's functional optimizer over a flat shard, updating it in place.
 
     ``shard`` is a 1-D contiguous fp32 tensor; it keeps its storage (other code
     holds views into it).  ``chunk_elems`` fixes the chunks the gradients of
@@ -270,18 +301,25 @@ class ShardOptimizer:
             kind: torch.zeros(shard.numel(), **zeros) for kind in spec.state_kinds()}
         if spec.name == "adagrad":
             self._buffers["sum"].fill_(spec.initial_accumulator_value)
-        self._step_counts = (torch.zeros(len(self._params), **zeros)
-                             if spec.has_step_counter else None)
+        # per-chunk views of the flat buffers: what torch keeps as state[p][kind]
+        self._views: dict[str, list[torch.Tensor]] = {
+            kind: [buf[lo:hi] for lo, hi in self._slices] for kind, buf in self._buffers.items()}
+        self._step_counts: torch.Tensor | None = None
+        self._step_views: list[torch.Tensor] = []
+        if spec.has_step_counter:
+            self._step_counts = torch.zeros(len(self._params), **zeros)
+            self._step_views = [self._step_counts[i] for i in range(len(self._params))]
+        # SGD momentum: which chunks have their buffer (torch creates it lazily)
+        self._momentum_init: list[bool] | None = None
+        self._momentum_pending = 0  # chunks not yet initialized
+        if "momentum_buffer" in self._buffers:
+            self._momentum_init = [False] * len(self._params)
+            self._momentum_pending = len(self._params)
 
         if impl == "auto":
             impl = _fastest_implementation(spec, shard)
         self._impl: Implementation = impl
-        self._optimizer: torch.optim.Optimizer | None = None
-        if self._params:
-            flags = {"fused": {"fused": True}, "foreach": {"foreach": True},
-                     "forloop": {"foreach": False}}[impl]
-            self._optimizer = spec.torch_class()(self._params, **spec.torch_kwargs(), **flags)
-            self._point_state()
+        self._flags = _FLAGS[impl]
 
     # -- properties -------------------------------------------------------
 
@@ -291,7 +329,8 @@ class ShardOptimizer:
 
     @property
     def steps(self) -> int:
-        """Number of optimizer steps applied (restored by :meth:`load_state_dict`)."""
+        """Number of optimizer steps completed (calls of :meth:`step` with
+        ``count=True``; restored by :meth:`load_state_dict`)."""
         return self._steps
 
     @property
@@ -313,81 +352,127 @@ class ShardOptimizer:
 
     # -- update -----------------------------------------------------------
 
-    def step(self, grads: Sequence[torch.Tensor], lr_scale: float = 1.0) -> None:
-        """Apply one optimizer step with learning rate ``spec.lr * lr_scale``.
+    def step(self, grads: Sequence[torch.Tensor], lr_scale: float = 1.0, *,
+             first: int | None = None, count: bool = True) -> None:
+        """Update chunks with learning rate ``spec.lr * lr_scale``.
 
         ``grads`` holds one 1-D fp32 tensor per chunk (see :attr:`chunks`), on
-        the shard's device; they are read, never written.  Bad arguments raise
-        ``ValueError`` before any state changes.
+        the shard's device; they are read, never written or kept.
+
+        With ``first=None`` (the default) ``grads`` must cover every chunk: a
+        whole optimizer step.  With ``first=k`` they are the gradients of the
+        consecutive chunks ``k .. k + len(grads) - 1`` (at least one; none for
+        an empty shard) and only those chunks are updated, each advancing its
+        own state and step counter -- one *segment* of a step.  Applying every
+        chunk exactly once per step, in segments in any order, equals one
+        full step bit for bit; the caller keeps that bookkeeping.
+        ``count=True`` marks the call that completes a step: :attr:`steps`
+        increments (pass ``count=False`` for all segments but the last).
+
+        Bad arguments raise ``ValueError`` before any state changes.
         """
-        if len(grads) != len(self._params):
+        n = len(self._params)
+        if first is None:
+            if len(grads) != n:
+                raise ValueError(
+                    f"expected {n} gradient chunks (shard of "
+                    f"{self._shard.numel()} elements in chunks of {self._chunk_elems}), "
+                    f"got {len(grads)}")
+            first = 0
+        elif isinstance(first, bool) or not isinstance(first, int):
+            raise ValueError(f"first must be an int chunk index, got {first!r}")
+        elif n == 0:
+            if first != 0 or len(grads) != 0:
+                raise ValueError(
+                    f"the shard is empty (no chunks): expected first=0 and no gradients, "
+                    f"got first={first} and {len(grads)} gradient chunks")
+        elif not 0 <= first < n:
             raise ValueError(
-                f"expected {len(self._params)} gradient chunks (shard of "
-                f"{self._shard.numel()} elements in chunks of {self._chunk_elems}), "
-                f"got {len(grads)}")
-        for i, (g, (lo, hi)) in enumerate(zip(grads, self._slices)):
+                f"first={first} is out of range: the shard has {n} chunks (0 .. {n - 1})")
+        elif not 1 <= len(grads) <= n - first:
+            raise ValueError(
+                f"a segment starting at chunk {first} takes 1 to {n - first} gradient "
+                f"chunks (the shard has {n}), got {len(grads)}")
+        if not isinstance(count, bool):
+            raise ValueError(f"count must be True or False, got {count!r}")
+        device = self._shard.device
+        for j, g in enumerate(grads):
+            i = first + j
+            lo, hi = self._slices[i]
             if not isinstance(g, torch.Tensor):
                 raise ValueError(f"gradient chunk {i} is a {type(g).__name__}, not a tensor")
             if g.dim() != 1 or g.numel() != hi - lo:
                 raise ValueError(
                     f"gradient chunk {i} (elements [{lo}, {hi})) has shape "
                     f"{tuple(g.shape)}, expected ({hi - lo},)")
-            if g.dtype != torch.float32 or g.device != self._shard.device:
+            if g.dtype != torch.float32 or g.device != device:
                 raise ValueError(
                     f"gradient chunk {i} is {g.dtype} on {g.device}, expected "
-                    f"torch.float32 on {self._shard.device}")
+                    f"torch.float32 on {device}")
         lr_scale = float(lr_scale)
         if not (math.isfinite(lr_scale) and lr_scale > 0):
             raise ValueError(f"lr_scale must be finite and > 0, got {lr_scale!r}")
-        if self._optimizer is None:  # empty shard
-            self._steps += 1
-            return
 
-        for group in self._optimizer.param_groups:
-            group["lr"] = self._spec.lr * lr_scale
-        for p, g in zip(self._params, grads):
-            p.grad = g
-        try:
-            self._optimizer.step()
-        finally:
-            for p in self._params:
-                p.grad = None
-        self._steps += 1
-        if self._steps == 1 and "momentum_buffer" in self._buffers:
-            self._adopt_momentum_buffers()
+        if grads:
+            with torch.no_grad():  # as Optimizer.step: the update is not recorded
+                self._update(first, first + len(grads), list(grads), self._spec.lr * lr_scale)
+        if count:
+            self._steps += 1
 
     # -- checkpoint -------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state, enough to resume bit-identically.
 
-        ``{"spec": dict, "steps": int, "numel": int, "param_step": float | None,
-        "buffers": {kind: flat fp32 tensor}}``; ``param_step`` is torch's
-        per-chunk ``step`` counter (the same for every chunk, ``None`` for
-        sgd).  The buffers are the live state, not copies: clone them for a
-        snapshot that later steps must not change.  The shard itself is not
-        included.
+        ``{"spec": dict, "steps": int, "numel": int, "param_step": ...,
+        "momentum_init": ..., "buffers": {kind: flat fp32 tensor}}``.
+
+        ``param_step`` is torch's per-chunk ``step`` counter: one float when
+        every chunk's is the same (always, between steps), a list of one float
+        per chunk when they differ (a checkpoint taken between the segments of
+        a step), ``None`` for sgd.  ``momentum_init`` says which chunks have
+        their SGD momentum buffer, in the same form (a bool, or a list of one
+        bool per chunk), ``None`` for optimizers without one.  The buffers are
+        the live state, not copies: clone them for a snapshot that later steps
+        must not change.  The shard itself is not included.
         """
-        param_step = None
-        if self._step_counts is not None and self._step_counts.numel():
-            param_step = float(self._step_counts[0])
-        elif self._step_counts is not None:
-            param_step = float(self._steps)
+        param_step: float | list[float] | None = None
+        if self._step_counts is not None:
+            counts = self._step_counts.tolist()
+            if not counts:
+                param_step = float(self._steps)
+            elif all(c == counts[0] for c in counts):
+                param_step = float(counts[0])
+            else:
+                param_step = [float(c) for c in counts]
+        momentum_init: bool | list[bool] | None = None
+        if self._momentum_init is not None:
+            flags = self._momentum_init
+            if not flags:
+                momentum_init = self._steps > 0
+            elif all(f == flags[0] for f in flags):
+                momentum_init = flags[0]
+            else:
+                momentum_init = list(flags)
         return {"spec": self._spec.to_dict(), "steps": self._steps,
                 "numel": self._shard.numel(), "param_step": param_step,
-                "buffers": dict(self._buffers)}
+                "momentum_init": momentum_init, "buffers": dict(self._buffers)}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (possibly saved with another ``chunk_elems``).
 
         The saved spec must equal this optimizer's (``ConfigError`` naming the
-        differing fields otherwise); sizes and buffer kinds are checked
-        (``ValueError``) before anything changes.  Buffers are copied in.
+        differing fields otherwise); sizes, buffer kinds and counters are
+        checked (``ValueError``) before anything changes.  Buffers are copied
+        in.  Per-chunk counters (a state saved between the segments of a step)
+        need the chunking they were saved with.  A state without
+        ``momentum_init`` (saved before it existed) counts SGD momentum as
+        initialized iff ``steps > 0``.
         """
         if not isinstance(d, Mapping):
             raise ValueError(f"optimizer state must be a mapping, got {type(d).__name__}")
         unknown = sorted(str(k) for k in d if k not in _STATE_KEYS)
-        missing = [k for k in _STATE_KEYS if k not in d]
+        missing = [k for k in _STATE_KEYS if k not in d and k not in _OPTIONAL_STATE_KEYS]
         if unknown or missing:
             raise ValueError(
                 f"optimizer state keys: unknown {unknown}, missing {missing}; "
@@ -406,15 +491,38 @@ class ShardOptimizer:
             raise ValueError(
                 f"optimizer state is for a shard of {d['numel']!r} elements, "
                 f"this shard has {self._shard.numel()}")
+        n = len(self._params)
         param_step = d["param_step"]
         if self._step_counts is not None:
-            if (isinstance(param_step, bool) or not isinstance(param_step, (int, float))
-                    or not param_step >= 0):
+            if isinstance(param_step, (list, tuple)):
+                self._check_per_chunk("param_step", param_step)
+                if not all(_is_count(c) for c in param_step):
+                    raise ValueError(
+                        f"optimizer state param_step must hold numbers >= 0, got {param_step!r}")
+            elif not _is_count(param_step):
                 raise ValueError(
-                    f"optimizer state param_step must be a number >= 0 for "
-                    f"{self._spec.name}, got {param_step!r}")
+                    f"optimizer state param_step must be a number >= 0 (or a list of one "
+                    f"per chunk) for {self._spec.name}, got {param_step!r}")
         elif param_step is not None:
             raise ValueError(f"optimizer state param_step must be None for sgd, got {param_step!r}")
+        momentum_init = d.get("momentum_init", _MISSING)
+        if self._momentum_init is not None:
+            if momentum_init is _MISSING:
+                momentum_init = steps > 0
+            elif isinstance(momentum_init, (list, tuple)):
+                self._check_per_chunk("momentum_init", momentum_init)
+                if not all(isinstance(f, bool) for f in momentum_init):
+                    raise ValueError(
+                        f"optimizer state momentum_init must hold True/False, "
+                        f"got {momentum_init!r}")
+            elif not isinstance(momentum_init, bool):
+                raise ValueError(
+                    f"optimizer state momentum_init must be True/False (or a list of one "
+                    f"per chunk) for sgd with momentum, got {momentum_init!r}")
+        elif momentum_init is not _MISSING and momentum_init is not None:
+            raise ValueError(
+                f"optimizer state momentum_init must be None for {self._spec.name} "
+                f"without momentum, got {momentum_init!r}")
         buffers = d["buffers"]
         if not isinstance(buffers, Mapping) or set(buffers) != set(self._buffers):
             got = sorted(buffers) if isinstance(buffers, Mapping) else type(buffers).__name__
@@ -433,54 +541,119 @@ class ShardOptimizer:
             if b is not self._buffers[kind]:
                 self._buffers[kind].copy_(b)
         if self._step_counts is not None:
-            self._step_counts.fill_(float(param_step))
+            if isinstance(param_step, (list, tuple)):
+                self._step_counts.copy_(torch.tensor([float(c) for c in param_step],
+                                                     dtype=torch.float32))
+            else:
+                self._step_counts.fill_(float(param_step))
+        if self._momentum_init is not None:
+            flags = (list(momentum_init) if isinstance(momentum_init, (list, tuple))
+                     else [momentum_init] * n)
+            self._momentum_init = flags
+            self._momentum_pending = flags.count(False)
         self._steps = steps
-        if self._optimizer is not None:
-            self._point_state()
 
     # -- internals --------------------------------------------------------
 
-    def _point_state(self) -> None:
-        """Make ``optimizer.state[chunk]`` views of the flat buffers.
+    def _check_per_chunk(self, key: str, values: Sequence[Any]) -> None:
+        n = len(self._params)
+        if len(values) != n:
+            raise ValueError(
+                f"optimizer state {key} holds {len(values)} per-chunk values but this "
+                f"shard has {n} chunks of {self._chunk_elems} elements: the checkpoint "
+                f"was taken mid-step (between segments) with another chunking")
 
-        SGD's momentum state stays empty before the first step, so torch runs
-        its first-step rule (``buf = grad``) exactly.
+    def _update(self, lo: int, hi: int, grads: list[torch.Tensor], lr: float) -> None:
+        """Run torch's functional optimizer on chunks ``lo .. hi - 1``."""
+        spec, flags, views = self._spec, self._flags, self._views
+        params = self._params[lo:hi]
+        if spec.name == "adam" or spec.name == "adamw":
+            kwargs = dict(
+                capturable=False, differentiable=False, grad_scale=None, found_inf=None,
+                has_complex=False, amsgrad=spec.amsgrad, beta1=spec.betas[0],
+                beta2=spec.betas[1], lr=lr, weight_decay=spec.weight_decay, eps=spec.eps,
+                maximize=False, **flags)
+            if spec.name == "adam":
+                kwargs["decoupled_weight_decay"] = False
+            (_adam if spec.name == "adam" else _adamw)(
+                params, grads, views["exp_avg"][lo:hi], views["exp_avg_sq"][lo:hi],
+                views["max_exp_avg_sq"][lo:hi] if spec.amsgrad else [],
+                self._step_views[lo:hi], **kwargs)
+        elif spec.name == "adagrad":
+            _adagrad(
+                params, grads, views["sum"][lo:hi], self._step_views[lo:hi],
+                grad_scale=None, found_inf=None, has_sparse_grad=False,
+                differentiable=False, has_complex=False, lr=lr,
+                weight_decay=spec.weight_decay, lr_decay=spec.lr_decay, eps=spec.eps,
+                maximize=False, **flags)
+        elif self._momentum_init is None:  # sgd without momentum: no state
+            self._sgd(params, grads, [], lr)
+        elif self._momentum_pending == 0:
+            self._sgd(params, grads, views["momentum_buffer"][lo:hi], lr)
+        else:
+            self._sgd_first_steps(lo, hi, grads, lr)
+
+    def _sgd(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+             bufs: list[torch.Tensor | None], lr: float) -> None:
+        spec = self._spec
+        if spec.nesterov and spec.weight_decay == 0 and self._impl == "foreach":
+            # torch's foreach nesterov adds the momentum into the gradients in
+            # place (it owns p.grad); give it scratch copies, ours are read-only
+            grads = [g.clone() for g in grads]
+        _sgd(params, grads, bufs, has_sparse_grad=False, grad_scale=None, found_inf=None,
+             weight_decay=spec.weight_decay, momentum=spec.momentum, lr=lr,
+             dampening=spec.dampening, nesterov=spec.nesterov, maximize=False,
+             **self._flags)
+
+    def _sgd_first_steps(self, lo: int, hi: int, grads: list[torch.Tensor],
+                         lr: float) -> None:
+        """SGD with momentum where some chunks have no momentum buffer yet.
+
+        Chunks that have one run as usual; the others run as torch's first
+        step (``buf = grad``, given ``None``), and the buffers torch created
+        are copied into the flat buffer.
         """
-        assert self._optimizer is not None
-        state = self._optimizer.state
-        sgd_before_first_step = self._spec.name == "sgd" and self._steps == 0
-        for i, (p, (lo, hi)) in enumerate(zip(self._params, self._slices)):
-            s = state[p]
-            s.clear()
-            if sgd_before_first_step:
-                continue
-            if self._step_counts is not None:
-                s["step"] = self._step_counts[i]
-            for kind, buf in self._buffers.items():
-                s[kind] = buf[lo:hi]
+        assert self._momentum_init is not None
+        flat_views = self._views["momentum_buffer"]
+        ready = [i for i in range(lo, hi) if self._momentum_init[i]]
+        fresh = [i for i in range(lo, hi) if not self._momentum_init[i]]
+        if ready:
+            self._sgd([self._params[i] for i in ready], [grads[i - lo] for i in ready],
+                      [flat_views[i] for i in ready], lr)
+        if not fresh:
+            return
+        created: list[torch.Tensor | None] = [None] * len(fresh)
+        self._sgd([self._params[i] for i in fresh], [grads[i - lo] for i in fresh],
+                  created, lr)
+        for i, buf in zip(fresh, created):
+            assert buf is not None
+            flat_views[i].copy_(buf)
+            self._momentum_init[i] = True
+        self._momentum_pending -= len(fresh)
 
-    def _adopt_momentum_buffers(self) -> None:
-        """Move the momentum buffers SGD created on its first step into the flat buffer."""
-        assert self._optimizer is not None
-        flat = self._buffers["momentum_buffer"]
-        for p, (lo, hi) in zip(self._params, self._slices):
-            s = self._optimizer.state[p]
-            view = flat[lo:hi]
-            view.copy_(s["momentum_buffer"])
-            s["momentum_buffer"] = view
+
+_MISSING = object()
+
+
+def _is_count(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and value >= 0 and math.isfinite(value))
 
 
 def _fastest_implementation(spec: OptimizerSpec, shard: torch.Tensor) -> Implementation:
     """The first of fused, foreach that runs ``spec`` on ``shard``'s device, else forloop.
 
-    Probed with one step on a two-element tensor, so it reflects the installed
-    torch, the device and the options (torch raises for unsupported combinations).
+    Probed with two steps (SGD's first step is special) of the functional call
+    on a two-element shard, so it reflects the installed torch, the device and
+    the options (torch raises for unsupported combinations).
     """
-    for impl, flags in (("fused", {"fused": True}), ("foreach", {"foreach": True})):
+    for impl in ("fused", "foreach"):
         probe = torch.zeros(2, dtype=torch.float32, device=shard.device)
-        probe.grad = torch.ones_like(probe)
+        grad = torch.ones_like(probe)
         try:
-            spec.torch_class()([probe], **spec.torch_kwargs(), **flags).step()
+            opt = ShardOptimizer(probe, spec, 2, impl=impl)  # type: ignore[arg-type]
+            opt.step([grad])
+            opt.step([grad])
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             continue
         return impl  # type: ignore[return-value]

@@ -1,12 +1,17 @@
-"""ShardOptimizer runs stock torch.optim over a chunked flat shard.
+"""ShardOptimizer runs torch's functional optimizers over a chunked flat shard.
 
 The reference everywhere is the stock torch.optim class with default settings
 (what a user gets) on one ordinary tensor, fed the same gradients.
 """
 from __future__ import annotations
 
+import gc
 import json
+import subprocess
+import sys
 import warnings
+import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,10 +105,14 @@ def test_state_lives_in_flat_buffers_viewed_by_torch():
     opt.step(chunked(grad_sequence(1)[0]))
     buffers = opt.state_dict()["buffers"]
     assert sorted(buffers) == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
-    torch_state = opt._optimizer.state  # white box: no state outside the flat buffers
-    for (lo, hi), p in zip(opt.chunks, opt._params):
+    # white box: the per-chunk state torch is given is views of the flat buffers
+    for i, (lo, hi) in enumerate(opt.chunks):
         for kind, flat in buffers.items():
-            assert torch_state[p][kind].data_ptr() == flat[lo:].data_ptr()
+            view = opt._views[kind][i]
+            assert view.data_ptr() == flat[lo:].data_ptr() and view.numel() == hi - lo
+        assert opt._step_views[i].dim() == 0
+        assert opt._step_views[i].data_ptr() == opt._step_counts[i:].data_ptr()
+    assert opt.state_dict()["param_step"] == 1.0
     assert opt.state_bytes() == 3 * N * 4 + len(opt.chunks) * 4
 
 
@@ -291,12 +300,13 @@ def read_only_chunks(flat: torch.Tensor) -> tuple[bytes, list[torch.Tensor]]:
     return payload, chunked(whole)
 
 
-@pytest.mark.parametrize("case", ["sgd_momentum_dampening", "adam_amsgrad", "adamw", "adagrad"])
-def test_read_only_grads_work_and_are_not_modified(case):
+@pytest.mark.parametrize("impl", ["auto", "foreach", "forloop"])
+@pytest.mark.parametrize("case", CASES)
+def test_read_only_grads_work_and_are_not_modified(case, impl):
     spec = CASES[case]
     grads = grad_sequence(3)
     shard = initial_weights()
-    opt = ShardOptimizer(shard, spec, CHUNK)
+    opt = ShardOptimizer(shard, spec, CHUNK, impl=impl)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for g in grads:
@@ -305,12 +315,19 @@ def test_read_only_grads_work_and_are_not_modified(case):
             opt.step(views)
             assert payload == original
             assert torch.equal(torch.cat(views), g)
-    assert torch.equal(shard, run_shard(spec, grads))
+    assert torch.equal(shard, run_shard(spec, grads, impl=impl))
 
 
-def test_grads_are_not_kept_after_a_step():
-    opt = ShardOptimizer(initial_weights(), CASES["adam"], CHUNK)
-    opt.step(chunked(grad_sequence(1)[0]))
+@pytest.mark.parametrize("case", ["sgd_momentum", "adam"])
+def test_grads_are_not_kept_after_a_step(case):
+    opt = ShardOptimizer(initial_weights(), CASES[case], CHUNK)
+    for g in grad_sequence(2):  # sgd: the first step (buffers created) and a later one
+        grads = [c.clone() for c in chunked(g)]
+        refs = [weakref.ref(c) for c in grads]
+        opt.step(grads)
+        del grads
+        gc.collect()
+        assert all(r() is None for r in refs)
     assert all(p.grad is None for p in opt._params)
 
 
@@ -346,6 +363,320 @@ def test_shard_must_be_flat_contiguous_fp32(shard):
 def test_chunk_elems_must_be_a_positive_int(chunk):
     with pytest.raises(ConfigError, match="chunk_elems"):
         ShardOptimizer(initial_weights(), OptimizerSpec("sgd", lr=0.1), chunk)
+
+
+# -- segment steps ------------------------------------------------------------
+
+# N=1000 in chunks of 192: six chunks, 0..5.  Each plan cuts one step into
+# segments [a, b) of chunk indices; the order is the order they are applied.
+SEGMENT_PLANS = {
+    "two": [(0, 2), (2, 6)],
+    "three": [(0, 1), (1, 4), (4, 6)],
+    "three_shuffled": [(4, 6), (0, 1), (1, 4)],
+    "one_chunk_each_reversed": [(k, k + 1) for k in reversed(range(6))],
+}
+
+
+def apply_segments(opt: ShardOptimizer, chunks: list[torch.Tensor],
+                   plan: list[tuple[int, int]], lr_scale: float = 1.0) -> None:
+    for k, (a, b) in enumerate(plan):
+        opt.step(chunks[a:b], lr_scale, first=a, count=k == len(plan) - 1)
+
+
+def run_segmented(spec: OptimizerSpec, grads: list[torch.Tensor], plan, **kw):
+    shard = initial_weights()
+    opt = ShardOptimizer(shard, spec, CHUNK, **kw)
+    originals = [g.clone() for g in grads]
+    for g in grads:
+        apply_segments(opt, chunked(g), plan)
+    assert all(torch.equal(g, o) for g, o in zip(grads, originals))  # grads only read
+    return shard, opt
+
+
+def run_full(spec: OptimizerSpec, grads: list[torch.Tensor], **kw):
+    shard = initial_weights()
+    opt = ShardOptimizer(shard, spec, CHUNK, **kw)
+    for g in grads:
+        opt.step(chunked(g))
+    return shard, opt
+
+
+def assert_same_state(a: ShardOptimizer, b: ShardOptimizer) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if key != "buffers":
+            assert sa[key] == sb[key], key
+    assert sa["buffers"].keys() == sb["buffers"].keys()
+    for kind in sa["buffers"]:
+        assert torch.equal(sa["buffers"][kind], sb["buffers"][kind]), kind
+
+
+@pytest.mark.parametrize("impl", ["auto", "foreach", "forloop"])
+@pytest.mark.parametrize("plan", ["two", "three"])
+@pytest.mark.parametrize("case", CASES)
+def test_a_step_in_segments_equals_a_full_step(case, plan, impl):
+    spec = CASES[case]
+    grads = grad_sequence(20)
+    seg_shard, seg = run_segmented(spec, grads, SEGMENT_PLANS[plan], impl=impl)
+    full_shard, full = run_full(spec, grads, impl=impl)
+    assert torch.equal(seg_shard, full_shard)
+    assert_same_state(seg, full)
+    assert seg.steps == 20
+    reference = run_reference(spec, grads)
+    if impl == "forloop":
+        assert torch.equal(seg_shard, reference)
+    else:
+        assert relative_error(seg_shard, reference) <= 1e-6
+
+
+@pytest.mark.parametrize("plan", ["three_shuffled", "one_chunk_each_reversed"])
+@pytest.mark.parametrize("case", CASES)
+def test_segments_in_any_order_equal_a_full_step(case, plan):
+    spec = CASES[case]
+    grads = grad_sequence(10)
+    seg_shard, seg = run_segmented(spec, grads, SEGMENT_PLANS[plan])
+    full_shard, full = run_full(spec, grads)
+    assert torch.equal(seg_shard, full_shard)
+    assert_same_state(seg, full)
+
+
+def test_segments_with_lr_scale_equal_a_scaled_full_step():
+    spec = CASES["adam_amsgrad"]
+    grads = grad_sequence(6)
+    scales = [1.0, 0.5, 0.25, 1.0, 1 / 3, 2.0]
+    seg_shard, full_shard = initial_weights(), initial_weights()
+    seg = ShardOptimizer(seg_shard, spec, CHUNK)
+    full = ShardOptimizer(full_shard, spec, CHUNK)
+    for g, s in zip(grads, scales):
+        apply_segments(seg, chunked(g), SEGMENT_PLANS["three"], lr_scale=s)
+        full.step(chunked(g), lr_scale=s)
+    assert torch.equal(seg_shard, full_shard)
+    assert_same_state(seg, full)
+
+
+def test_a_segment_updates_only_its_chunks_and_counts_only_when_asked():
+    spec = CASES["adam"]
+    shard = initial_weights()
+    opt = ShardOptimizer(shard, spec, CHUNK)
+    chunks = chunked(grad_sequence(1)[0])
+    opt.step(chunks[1:3], first=1, count=False)
+    assert opt.steps == 0
+    changed = shard != initial_weights()
+    assert changed[192:576].all() and not changed[:192].any() and not changed[576:].any()
+    assert opt.state_dict()["param_step"] == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    opt.step(chunks[:1], first=0, count=False)
+    opt.step(chunks[3:], first=3)
+    assert opt.steps == 1
+    assert opt.state_dict()["param_step"] == 1.0
+
+
+def test_a_full_step_passed_as_first_0_counts_like_the_default():
+    spec = CASES["sgd_momentum"]
+    grads = grad_sequence(3)
+    shard = initial_weights()
+    opt = ShardOptimizer(shard, spec, CHUNK)
+    for g in grads:
+        opt.step(chunked(g), first=0)
+    assert opt.steps == 3
+    assert torch.equal(shard, run_full(spec, grads)[0])
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("stop_at", [0, 3])
+def test_state_dict_taken_mid_step_resumes_bit_identically(case, stop_at):
+    """Checkpoint after the first segment of step ``stop_at`` (step 0: SGD's
+    momentum is initialized in some chunks only), restore into a fresh
+    optimizer, apply the remaining segments and steps."""
+    spec = CASES[case]
+    plan = SEGMENT_PLANS["three_shuffled"]
+    grads = grad_sequence(8)
+    uninterrupted_shard, uninterrupted = run_segmented(spec, grads, plan)
+
+    shard = initial_weights()
+    first = ShardOptimizer(shard, spec, CHUNK)
+    for g in grads[:stop_at]:
+        apply_segments(first, chunked(g), plan)
+    (a, b), rest = plan[0], plan[1:]
+    first.step(chunked(grads[stop_at])[a:b], first=a, count=False)
+    state = first.state_dict()
+    if spec.has_step_counter:
+        assert isinstance(state["param_step"], list) and len(state["param_step"]) == 6
+    if spec.momentum and stop_at == 0:
+        assert state["momentum_init"] == [False] * 4 + [True] * 2
+    saved, saved_shard = snapshot(state), shard.clone()
+    first.step(chunked(grads[-1])[:1], first=0, count=False)  # live state moves on
+
+    resumed_shard = saved_shard.clone()
+    resumed = ShardOptimizer(resumed_shard, spec, CHUNK)
+    resumed.load_state_dict(saved)
+    assert resumed.steps == stop_at
+    chunks = chunked(grads[stop_at])
+    for k, (a, b) in enumerate(rest):
+        resumed.step(chunks[a:b], first=a, count=k == len(rest) - 1)
+    for g in grads[stop_at + 1:]:
+        apply_segments(resumed, chunked(g), plan)
+    assert torch.equal(resumed_shard, uninterrupted_shard)
+    assert_same_state(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("case", ["adam", "sgd_momentum"])
+def test_mid_step_state_does_not_load_into_another_chunking(case):
+    spec = CASES[case]
+    opt = ShardOptimizer(initial_weights(), spec, CHUNK)
+    opt.step(chunked(grad_sequence(1)[0])[:2], first=0, count=False)
+    saved = snapshot(opt.state_dict())
+    other = ShardOptimizer(initial_weights(), spec, 300)
+    before = snapshot(other.state_dict())
+    with pytest.raises(ValueError, match="mid-step.*another chunking"):
+        other.load_state_dict(saved)
+    for kind, b in before["buffers"].items():
+        assert torch.equal(other.state_dict()["buffers"][kind], b)
+    assert other.state_dict()["param_step"] == before["param_step"]
+    assert other.state_dict()["momentum_init"] == before["momentum_init"]
+
+
+def test_state_between_steps_stays_a_single_number_and_flag():
+    opt = ShardOptimizer(initial_weights(), CASES["sgd_momentum"], CHUNK)
+    assert opt.state_dict()["momentum_init"] is False
+    apply_segments(opt, chunked(grad_sequence(1)[0]), SEGMENT_PLANS["three"])
+    assert opt.state_dict()["momentum_init"] is True and opt.state_dict()["param_step"] is None
+    adam = ShardOptimizer(initial_weights(), CASES["adam"], CHUNK)
+    apply_segments(adam, chunked(grad_sequence(1)[0]), SEGMENT_PLANS["three"])
+    assert adam.state_dict()["param_step"] == 1.0 and adam.state_dict()["momentum_init"] is None
+
+
+@pytest.mark.parametrize("stop_at", [0, 2])
+def test_state_saved_without_momentum_init_loads_as_initialized_after_a_step(stop_at):
+    spec = CASES["sgd_momentum_dampening"]
+    grads = grad_sequence(5)
+    shard = initial_weights()
+    first = ShardOptimizer(shard, spec, CHUNK)
+    for g in grads[:stop_at]:
+        first.step(chunked(g))
+    old = snapshot(first.state_dict())
+    del old["momentum_init"]  # a state saved before the key existed
+    resumed = ShardOptimizer(shard, spec, CHUNK)
+    resumed.load_state_dict(old)
+    for g in grads[stop_at:]:
+        resumed.step(chunked(g))
+    assert torch.equal(shard, run_full(spec, grads)[0])
+
+
+@pytest.mark.parametrize("bad", [
+    dict(param_step=[1.0] * 5),
+    dict(param_step=[1.0] * 5 + [-1.0]),
+    dict(param_step=[1.0] * 5 + [True]),
+    dict(param_step="1"),
+])
+def test_load_rejects_bad_per_chunk_step_counters_and_changes_nothing(bad):
+    opt = ShardOptimizer(initial_weights(), CASES["adam"], CHUNK)
+    opt.step(chunked(grad_sequence(1)[0]))
+    state = snapshot(opt.state_dict())
+    state["buffers"] = {k: torch.zeros(N) for k in state["buffers"]}
+    state.update(bad)
+    with pytest.raises(ValueError, match="param_step"):
+        opt.load_state_dict(state)
+    assert opt.state_dict()["param_step"] == 1.0
+    assert opt.state_dict()["buffers"]["exp_avg"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case, momentum_init", [
+    ("sgd_momentum", [True] * 5), ("sgd_momentum", [1] * 6), ("sgd_momentum", "yes"),
+    ("sgd_momentum", None), ("sgd_plain", True), ("adam", False),
+])
+def test_load_rejects_bad_momentum_flags(case, momentum_init):
+    opt = ShardOptimizer(initial_weights(), CASES[case], CHUNK)
+    state = snapshot(opt.state_dict())
+    state["momentum_init"] = momentum_init
+    with pytest.raises(ValueError, match="momentum_init"):
+        opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize("first, n_grads, message", [
+    (-1, 1, r"first=-1 is out of range: the shard has 6 chunks \(0 \.\. 5\)"),
+    (6, 1, r"first=6 is out of range"),
+    (True, 1, r"first must be an int chunk index, got True"),
+    (1.0, 1, r"first must be an int chunk index, got 1\.0"),
+    ("0", 1, r"first must be an int chunk index"),
+    (4, 3, r"segment starting at chunk 4 takes 1 to 2 gradient chunks .*got 3"),
+    (0, 7, r"segment starting at chunk 0 takes 1 to 6 gradient chunks .*got 7"),
+    (2, 0, r"segment starting at chunk 2 takes 1 to 4 gradient chunks .*got 0"),
+])
+def test_bad_segment_raises_value_error_and_changes_nothing(first, n_grads, message):
+    shard = initial_weights()
+    opt = ShardOptimizer(shard, CASES["adam"], CHUNK)
+    opt.step(chunked(grad_sequence(1)[0]))
+    before_shard, before = shard.clone(), snapshot(opt.state_dict())
+    g = chunked(grad_sequence(2)[1])
+    grads = (g + g)[first:first + n_grads] if isinstance(first, int) else g[:n_grads]
+    with pytest.raises(ValueError, match=message):
+        opt.step(grads, first=first, count=False)
+    assert torch.equal(shard, before_shard) and opt.steps == 1
+    after = opt.state_dict()
+    assert after["param_step"] == before["param_step"]
+    for kind, b in before["buffers"].items():
+        assert torch.equal(after["buffers"][kind], b)
+
+
+def test_segment_gradient_of_wrong_length_names_the_chunk_and_changes_nothing():
+    shard = initial_weights()
+    opt = ShardOptimizer(shard, CASES["sgd_momentum"], CHUNK)
+    grads = chunked(grad_sequence(1)[0])[3:]
+    grads[1] = torch.zeros(191)
+    with pytest.raises(ValueError, match=r"chunk 4 \(elements \[768, 960\)\) has shape \(191,\)"):
+        opt.step(grads, first=3)
+    assert torch.equal(shard, initial_weights()) and opt.steps == 0
+    assert opt.state_dict()["momentum_init"] is False
+
+
+def test_count_must_be_a_bool():
+    opt = ShardOptimizer(initial_weights(), CASES["sgd_plain"], CHUNK)
+    with pytest.raises(ValueError, match="count must be True or False"):
+        opt.step(chunked(grad_sequence(1)[0]), count=1)
+    assert torch.equal(opt._shard, initial_weights()) and opt.steps == 0
+
+
+def test_empty_shard_takes_empty_segments():
+    opt = ShardOptimizer(torch.zeros(0), CASES["adam"], CHUNK)
+    opt.step([], first=0, count=False)
+    assert opt.steps == 0
+    opt.step([], first=0)
+    assert opt.steps == 1
+    with pytest.raises(ValueError, match="shard is empty"):
+        opt.step([torch.zeros(1)], first=0)
+    with pytest.raises(ValueError, match="shard is empty"):
+        opt.step([], first=1)
+
+
+# -- no torch._dynamo -----------------------------------------------------------
+
+_NO_DYNAMO_PROBE = """
+import sys
+import torch
+from ps.optim import OptimizerSpec, ShardOptimizer
+specs = [OptimizerSpec("sgd", lr=0.1), OptimizerSpec("sgd", lr=0.1, momentum=0.9),
+         OptimizerSpec("adam", lr=1e-3, amsgrad=True), OptimizerSpec("adamw", lr=1e-3),
+         OptimizerSpec("adagrad", lr=0.1)]
+for spec in specs:
+    for impl in ("auto", "fused", "foreach", "forloop"):
+        opt = ShardOptimizer(torch.zeros(10), spec, 4, impl=impl)
+        g = list(torch.ones(10).split(4))
+        opt.step(g)
+        opt.step(g[1:], first=1, count=False)
+        opt.step(g[:1], 0.5, first=0)
+        opt.load_state_dict(opt.state_dict())
+print("steps", opt.steps)
+print("dynamo", sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+"""
+
+
+def test_shard_optimizer_does_not_import_torch_dynamo():
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _NO_DYNAMO_PROBE], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["steps 2", "dynamo []"], out.stdout
 
 
 # -- OptimizerSpec ----------------------------------------------------------
