@@ -84,6 +84,9 @@ class ClientSettings:
     heartbeat_interval: float = setting(1.0, "seconds between heartbeats to each server")
     frame_elems: int = setting(1 << 18, "elements per data frame (1 MiB of fp32)")
     max_pushes_in_flight: int = setting(4, "pushes sent but not yet acknowledged before a push waits")
+    push_segment_frames: int = setting(8, "data frames per PUSH message: a longer range goes to its server "
+                                          "as several segments, each checked while the rest arrives "
+                                          "(0: always one message)")
     refresh: str = setting("eager", "'eager': pull fresh weights after every push; "
                                     "'lazy': pull only when the cached weights are too stale")
     attempt_timeout: float = setting(10.0, "seconds without an answer before a request is sent again "
@@ -104,6 +107,7 @@ class ClientSettings:
             raise ConfigError(f"frame_elems={self.frame_elems} makes {self.frame_elems * 4}-byte frames, above "
                               f"max_msg_bytes={self.transport.max_msg_bytes}")
         _positive("max_pushes_in_flight", self.max_pushes_in_flight)
+        _positive("push_segment_frames", self.push_segment_frames, allow_zero=True)
         if self.refresh not in ("eager", "lazy"):
             raise ConfigError(f"refresh must be 'eager' or 'lazy', got {self.refresh!r}")
         _positive("attempt_timeout", self.attempt_timeout)
@@ -224,6 +228,9 @@ class ServerSettings:
     checkpoint_pause: float = setting(0.0, "testing only: seconds to pause between checkpoint files")
     torch_threads: int = setting(1, "torch intra-op threads of the server process (0: torch's default); "
                                     "1 avoids an OpenMP wake-up per kernel on every small update")
+    apply_threads: int = setting(2, "threads that share one large update (>= 16 MiB of a shard): the event "
+                                    "loop and apply_threads - 1 helpers taking 8 MiB pieces in turn "
+                                    "(a busy core never holds the update up: the loop takes what is left)")
     curve_keys: str = setting("", CURVE_HELP)
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
@@ -234,6 +241,7 @@ class ServerSettings:
         for name in ("checkpoint_every_steps", "checkpoint_every_seconds", "checkpoint_pause"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("checkpoint_keep", self.checkpoint_keep)
+        _positive("apply_threads", self.apply_threads)
         _positive("num_servers", self.num_servers)
         _positive("num_workers", self.num_workers)
         limit = 1 << 16 if self.coordinator else self.num_servers  # the coordinator sets the count

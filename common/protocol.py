@@ -167,7 +167,7 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
 #: Optional keys, checked like the required ones when present (docs/PROTOCOL.md).
 OPTIONAL: dict[MsgType, dict[str, type]] = {
     MsgType.PULL: {"dl": int, "obs": bool},
-    MsgType.PUSH: {"rs": int, "to": int},
+    MsgType.PUSH: {"rs": int, "to": int, "off": int, "segs": int},
     MsgType.HELLO: {"clk": int},
     MsgType.INIT: {"to": int},
     MsgType.CLOCK: {"to": int},
@@ -344,11 +344,17 @@ def check_plan(msg: Message, plan_hash: int) -> None:
             if isinstance(ph, int) else f"message lacks a plan hash (expected {plan_hash:#x})")
 
 
-def check_layout(msg: Message, n_expected: int, frame_elems: int) -> None:
-    """Check that a data message holds exactly ``n_expected`` elements in plan frames."""
+def check_layout(msg: Message, n_expected: int, frame_elems: int, off: int = 0) -> None:
+    """Check that a data message holds exactly ``n_expected`` elements in plan frames.
+
+    ``off`` is the element offset of the message's first element within its
+    range (a segment of a segmented ``PUSH``); frames are cut from there.
+    """
     n = msg.header["n"]
     if n != n_expected:
-        raise ProtocolError(f"{msg.type.name} carries {n} elements; this range holds {n_expected}")
+        raise ProtocolError(f"{msg.type.name} carries {n} elements; "
+                            + (f"this range holds {n_expected}" if off == 0 and msg.header.get("segs", 1) == 1
+                               else f"its segment at offset {off} should hold {n_expected}"))
     want = -(-n_expected // frame_elems) if n_expected else 0
     if len(msg.frames) != want:
         raise ProtocolError(f"{msg.type.name} has {len(msg.frames)} data frames; the plan cuts "

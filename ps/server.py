@@ -20,9 +20,11 @@ itself and may pass it as ``authenticator`` for the statistics.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import queue
 import threading
 import time
 from typing import Callable
@@ -51,6 +53,102 @@ log = logging.getLogger("zps.server")
 MAX_POLL_SECONDS = 0.5
 #: Messages handled per wake-up before timers are looked at again.
 BATCH = 256
+#: A segmented push whose segments are not all in yet: at most this many per worker are held.
+MAX_HELD_PER_WORKER = 16
+#: An update of at least this many elements is shared among ``apply_threads`` threads ...
+PARALLEL_MIN_ELEMS = 4 << 20
+#: ... in pieces of this many elements (rounded to whole chunks).
+PIECE_ELEMS = 2 << 20
+
+
+class _HeldPush:
+    """The segments of one segmented push received so far (their frames, not copies)."""
+
+    __slots__ = ("segs", "clk", "tick", "rs", "parts", "waiters", "elems")
+
+    def __init__(self, segs: int, clk: int, tick: bool, rs):
+        self.segs, self.clk, self.tick, self.rs = segs, clk, tick, rs
+        self.parts: dict[int, tuple[int, list]] = {}      # off -> (n, gradient chunks)
+        self.waiters: list[tuple[bytes, int]] = []        # (ident, rid) of every request to answer
+        self.elems = 0
+
+
+class _ApplyPool:
+    """Runs the pieces of one update on the calling thread and ``threads - 1`` helpers.
+
+    Pieces are taken in turn from a shared counter, so a helper that does not
+    get a core in time holds nothing up: the calling thread takes the rest and
+    then waits only for pieces a helper already started.
+    """
+
+    def __init__(self, threads: int, name: str):
+        self.threads = threads
+        self._name = name
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._helpers: list[threading.Thread] = []
+
+    def run(self, piece: Callable[[int], None], count: int, timeout: float = 600.0) -> None:
+        if self.threads <= 1 or count <= 1:
+            for i in range(count):
+                piece(i)
+            return
+        if not self._helpers:
+            for k in range(self.threads - 1):
+                t = threading.Thread(target=self._helper, name=f"{self._name}-apply-{k}", daemon=True)
+                t.start()
+                self._helpers.append(t)
+        job = _Job(piece, count)
+        for _ in self._helpers:
+            self._jobs.put(job)
+        job.work()
+        job.wait(timeout)
+
+    def _helper(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job.work()
+
+    def close(self, timeout: float = 5.0) -> None:
+        for _ in self._helpers:
+            self._jobs.put(None)
+        for t in self._helpers:
+            t.join(timeout)
+        self._helpers = []
+
+
+class _Job:
+    __slots__ = ("piece", "count", "_next", "_finished", "_cond", "error")
+
+    def __init__(self, piece: Callable[[int], None], count: int):
+        self.piece, self.count = piece, count
+        self._next = itertools.count()
+        self._finished = 0
+        self._cond = threading.Condition()
+        self.error: BaseException | None = None
+
+    def work(self) -> None:
+        while True:
+            i = next(self._next)  # atomic under the GIL
+            if i >= self.count:
+                return
+            try:
+                self.piece(i)
+            except BaseException as exc:
+                self.error = self.error or exc
+            finally:
+                with self._cond:
+                    self._finished += 1
+                    if self._finished == self.count:
+                        self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._finished == self.count, timeout):
+                raise RuntimeError(f"an update piece did not finish within {timeout:.0f}s")
+        if self.error is not None:
+            raise self.error
 
 
 class ShardServer:
@@ -72,11 +170,15 @@ class ShardServer:
         self.rule = None
         self.dc: DelayCompensation | None = None
         self._push_scale = 1.0
+        self._held: dict[tuple[int, int], _HeldPush] = {}       # (w, seq) -> segments so far
+        self._refused: dict[tuple[int, int], tuple] = {}        # refused (NaN) pushes: (segs, offsets seen)
+        self._pool = _ApplyPool(settings.apply_threads, f"zps-server-{settings.rank}")
         self.stats = {
             "requests": 0, "pushes": 0, "pulls": 0, "dup_pushes": 0, "nonfinite": 0,
             "errors": {}, "bytes_in": 0, "bytes_out": 0, "parked_total": 0,
             "expired_reads": 0, "unroutable": 0, "send_blocked": 0, "dead_workers": [],
             "update_staleness": {},
+            "segments": 0, "held_dropped": 0,
             "checkpoints": 0, "checkpoint_seconds": 0.0,
         }
         self._stopping = False
@@ -158,6 +260,7 @@ class ShardServer:
         if self._closed:
             return
         self._closed = True
+        self._pool.close()
         for s in (self._wake_tx, self._wake_rx, self.sock):
             s.close(linger=int(self.settings.transport.linger * 1000))
         self._stop_auth()
@@ -357,6 +460,11 @@ class ShardServer:
         new_inc = self.ledger.incarnation(w) != inc
         if new_inc:
             self.ledger.reset(w, inc)
+        if new_inc or was_dead:  # what an earlier life of this worker left half-sent is void
+            for key in [k for k in self._held if k[0] == w]:
+                self._drop_held(key, "the worker said HELLO again", answer=False)
+            for key in [k for k in self._refused if k[0] == w]:
+                del self._refused[key]
         start = self.gate.join(w, inc, self._clock())
         claimed = msg.header.get("clk")
         if claimed is not None and claimed > start and not new_inc and self.settings.staleness != 0:
@@ -392,7 +500,17 @@ class ShardServer:
         log.info("server %d adopted %s; holds %d elements", self.settings.rank, plan.describe(), n)
 
     def _apply_step(self, grads, lr_scale: float) -> None:
-        self.optimizer.step(grads, lr_scale)
+        n = self.store.n
+        if n >= PARALLEL_MIN_ELEMS and self._pool.threads > 1:
+            per = max(1, PIECE_ELEMS // self.plan.frame_elems)
+            pieces = -(-len(grads) // per)
+
+            def piece(i: int) -> None:
+                a = i * per
+                self.optimizer.step(grads[a:a + per], lr_scale, first=a, count=i == 0)
+            self._pool.run(piece, pieces)
+        else:
+            self.optimizer.step(grads, lr_scale)
         self.store.version += 1
         n = self.settings.checkpoint_every_steps
         if n and self.settings.checkpoint_dir and self.optimizer.steps % n == 0:
@@ -481,33 +599,134 @@ class ShardServer:
         self._need_plan(msg)
         w, seq, clk = msg["w"], msg["seq"], msg["clk"]
         self._check_worker(w, msg["inc"], msg.header.get("to"))
-        proto.check_layout(msg, self.store.n, self.plan.frame_elems)
+        off, segs = self._check_segment(msg)
         if self.ledger.applied(w, seq):
             self.stats["dup_pushes"] += 1
             self._reply(ident, msg, {"step": self.optimizer.steps, "dup": True})
             return
         if not self._initialized:
             raise ProtocolError("no weights yet: INIT before pushing", ErrorCode.NOT_INITIALIZED)
+        key = (w, seq)
+        refused = self._refused.get(key)
+        if refused is not None:   # the rest of a refused push; once all of it is seen, forget it
+            refused[1].add(off)
+            if len(refused[1]) >= refused[0]:
+                del self._refused[key]
+            raise ProtocolError(f"push {seq} of worker {w} was refused: a segment held NaN or "
+                                "infinity; not applied", ErrorCode.NONFINITE)
         grads = [torch.from_numpy(a) for a in _writable_views(msg)]
-        total = float(sum(float(g.sum()) for g in grads))
-        if not math.isfinite(total) and not all(bool(torch.isfinite(g).all()) for g in grads):
+        if not _finite(grads):
             self.stats["nonfinite"] += 1
-            raise ProtocolError(f"gradient from worker {w} at clock {clk} holds NaN or infinity; "
-                                "not applied", ErrorCode.NONFINITE)
-        rs = msg.header.get("rs")
+            text = f"gradient from worker {w} at clock {clk} holds NaN or infinity; not applied"
+            if segs > 1:
+                held = self._held.pop(key, None)
+                self._refuse(key, segs, {off, *(held.parts if held else ())})
+                for wid, wrid in (held.waiters if held else ()):
+                    self._error(wid, wrid, ErrorCode.NONFINITE, text)
+            raise ProtocolError(text, ErrorCode.NONFINITE)
+        if segs == 1:
+            self._apply_push(w, seq, clk, msg["tick"], msg.header.get("rs"), grads,
+                             [(ident, msg.rid)])
+            return
+        # a segment of a longer push: hold it (its frames, no copy) until the last one is in
+        self.stats["segments"] += 1
+        held = self._held.get(key)
+        if held is None:
+            mine = [k for k in self._held if k[0] == w]
+            if len(mine) >= MAX_HELD_PER_WORKER:  # a client that never completes its pushes
+                self._drop_held(min(mine, key=lambda k: k[1]), "too many incomplete pushes")
+            held = self._held[key] = _HeldPush(segs, clk, msg["tick"], msg.header.get("rs"))
+        elif (segs, clk, msg["tick"]) != (held.segs, held.clk, held.tick):
+            self._drop_held(key, "segments disagree")
+            raise ProtocolError(f"segment at {off} of push {seq} (worker {w}) says segs={segs}, clk={clk}, "
+                                f"tick={msg['tick']}; its first segment said segs={held.segs}, "
+                                f"clk={held.clk}, tick={held.tick}")
+        n = msg["n"]
+        if off in held.parts:    # a resent segment: not held twice, but answered too
+            if (ident, msg.rid) not in held.waiters and len(held.waiters) < 4 * held.segs:
+                held.waiters.append((ident, msg.rid))
+            return
+        for o, (m, _) in held.parts.items():
+            if o < off + n and off < o + m:
+                self._drop_held(key, "segments overlap")
+                raise ProtocolError(f"segment [{off}, {off + n}) of push {seq} (worker {w}) overlaps "
+                                    f"segment [{o}, {o + m})")
+        held.parts[off] = (n, grads)
+        held.waiters.append((ident, msg.rid))
+        held.elems += n
+        if held.elems < self.store.n:
+            return
+        del self._held[key]
+        if len(held.parts) != held.segs:
+            for wid, wrid in held.waiters:
+                self._error(wid, wrid, ErrorCode.MALFORMED,
+                            f"push {seq} of worker {w} came in {len(held.parts)} segments, "
+                            f"announced {held.segs}")
+            return
+        grads = [g for o in sorted(held.parts) for g in held.parts[o][1]]
+        self._apply_push(w, seq, held.clk, held.tick, held.rs, grads, held.waiters)
+
+    def _apply_push(self, w: int, seq: int, clk: int, tick: bool, rs, grads: list,
+                    waiters: list) -> None:
+        """Apply one whole, checked push and answer every request that carried a part of it."""
         staleness = max(0, self.optimizer.steps - rs) if rs is not None else None
         self._push_scale = 1.0 / max(1, staleness or 0) if self.settings.staleness_lr else 1.0
         if self.dc is not None and rs is not None:
             grads = self.dc.compensate(w, rs, grads, self.store.weights)
-        self.rule.on_push(w, clk, grads, msg["tick"])
+        try:
+            self.rule.on_push(w, clk, grads, tick)
+        except ProtocolError as exc:
+            if len(waiters) == 1:
+                raise
+            for ident, rid in waiters:
+                self._error(ident, rid, exc.code, str(exc))
+            return
         if staleness is not None:
             hist = self.stats["update_staleness"]
             key = str(min(staleness, 64))
             hist[key] = hist.get(key, 0) + 1
         self.ledger.record(w, seq)
         self.stats["pushes"] += 1
-        self._reply(ident, msg, {"step": self.optimizer.steps, "dup": False})
+        head = {"step": self.optimizer.steps, "dup": False}
+        for ident, rid in waiters:
+            self._send(ident, proto.encode(MsgType.PUSH_OK, {"rid": rid, **head}))
         self._advance_time()
+
+    def _check_segment(self, msg: Message) -> tuple[int, int]:
+        """``(off, segs)`` of a PUSH, its frame layout checked (a whole range is ``(0, 1)``)."""
+        off, segs = msg.header.get("off", 0), msg.header.get("segs", 1)
+        n, total, fe = msg["n"], self.store.n, self.plan.frame_elems
+        if segs < 1:
+            raise ProtocolError(f"PUSH.segs must be >= 1, got {segs}")
+        if segs == 1 and off != 0:
+            raise ProtocolError(f"PUSH.off={off} needs segs > 1 (a single message carries the whole range)")
+        if segs > 1:
+            if off % fe or off >= total or n == 0 or off + n > total or (n % fe and off + n != total):
+                raise ProtocolError(
+                    f"PUSH segment [{off}, {off + n}) does not fit this range of {total} elements cut "
+                    f"in frames of {fe} (segments start on a frame and end on one or at the range's end)")
+            if segs > -(-total // fe):
+                raise ProtocolError(f"PUSH.segs={segs} exceeds the {-(-total // fe)} frames of this range")
+            proto.check_layout(msg, n, fe, off)
+        else:
+            proto.check_layout(msg, total, fe)
+        return off, segs
+
+    def _refuse(self, key: tuple[int, int], segs: int, seen: set) -> None:
+        if len(seen) < segs:
+            self._refused[key] = (segs, seen)
+        while len(self._refused) > 64:
+            self._refused.pop(next(iter(self._refused)))
+
+    def _drop_held(self, key: tuple[int, int], why: str, answer: bool = True) -> None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        self.stats["held_dropped"] += 1
+        if answer:
+            for ident, rid in held.waiters:
+                self._error(ident, rid, ErrorCode.OVERLOADED,
+                            f"push {key[1]} of worker {key[0]} was dropped incomplete ({why}); send it again")
 
     def _on_pull(self, ident: bytes, msg: Message) -> None:
         self._need_plan(msg)
@@ -620,6 +839,12 @@ class ShardServer:
             "settings": describe(self.settings),
         })
         return s
+
+
+def _finite(grads: list) -> bool:
+    """Whether every element is finite: one summing pass, a closer look only if the sum is not."""
+    total = float(sum(float(g.sum()) for g in grads))
+    return math.isfinite(total) or all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def _writable_views(msg: Message) -> list[np.ndarray]:

@@ -252,13 +252,26 @@ class PSClient:
         ``PushHandle.released()``.
         """
         futs, trackers = [], []
+        fe = self.plan.frame_elems
+        per = self.settings.push_segment_frames * fe
         for k in range(len(self.endpoints)):
             lo, hi = self.plan.range_of(k)
             head = {"w": self.worker_id, "inc": self.incarnation, "seq": next(self._seq[k]),
                     "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick, **self._to(k)}
             if read_steps is not None and read_steps[k] >= 0:
                 head["rs"] = int(read_steps[k])
-            f, t = self.request(k, MsgType.PUSH, head, self._data_frames(flat_grad, lo, hi, self.plan.frame_elems),
+            if per and hi - lo > per:
+                # segments: the server checks each while the next ones are still on the way
+                segs = -(-(hi - lo) // per)
+                for off in range(0, hi - lo, per):
+                    n = min(per, hi - lo - off)
+                    f, t = self.request(k, MsgType.PUSH, {**head, "n": n, "off": off, "segs": segs},
+                                        self._data_frames(flat_grad, lo + off, lo + off + n, fe),
+                                        timeout=timeout, track=True)
+                    futs.append(f)
+                    trackers.append(t)
+                continue
+            f, t = self.request(k, MsgType.PUSH, head, self._data_frames(flat_grad, lo, hi, fe),
                                 timeout=timeout, track=True)
             futs.append(f)
             trackers.append(t)
