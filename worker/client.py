@@ -1,10 +1,23 @@
 """``PSClient``: a worker's connection to every server.
 
-One background I/O thread owns every socket (one DEALER per server).  The
-training thread hands it requests through a queue plus an inproc doorbell and
-gets back ``concurrent.futures.Future`` objects; every wait takes a timeout.
-Requests to different servers, and several to one server, are in flight at
-once; a server answers in order, so a pull sent after a push sees that push.
+Every socket (one DEALER per server) is used only by the thread that holds
+the client's I/O lock, so a request costs no thread hand-off when it can be
+avoided:
+
+* ``request`` sends at once from the calling thread when the sockets are free
+  (and hands the request to whoever holds them otherwise, through a queue
+  and an inproc doorbell that wakes the holder);
+* a thread that waits for a reply (``Future.result``) drives the sockets
+  itself until its reply is in, so a round trip wakes the caller once, as a
+  plain blocking socket would;
+* a background thread keeps things moving when nobody waits: it completes
+  replies of asynchronous requests, resends unanswered ones, expires them at
+  their deadline and sends the heartbeats.
+
+Every wait takes a timeout. Requests to different servers, and several to
+one server, are in flight at once; requests leave in the order they were
+made and a server answers in order, so a pull sent after a push sees that
+push.
 
 Data travels zero-copy: a push sends ``zmq.Frame`` views of the caller's
 flat gradient buffer (the returned handle says when ZeroMQ has let go of
@@ -115,12 +128,22 @@ class PSClient:
         self.ctx = ctx or zmq.Context()
         self._rid = itertools.count(1)
         self._seq = [itertools.count(0) for _ in self.endpoints]
-        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        # I/O state: used only by the thread holding _io (see the module docstring)
+        self._io = threading.Lock()
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()  # requests handed to the holder of _io
         self._bell_addr = f"inproc://zps-client-{id(self)}"
         self._bell_lock = threading.Lock()
         self._bell: zmq.Socket | None = None
+        self._bell_rx: zmq.Socket | None = None
+        self._socks: list[zmq.Socket] = []
+        self._index: dict[zmq.Socket, int] = {}
+        self._poller: zmq.Poller | None = None
+        self._pending: dict[int, _Request] = {}
+        self._timers: list[tuple[float, int, int]] = []   # (when, rid, attempt): resend or expire
+        self._next_beat = 0.0
+        self._io_closed = False                            # sockets closed: nobody drives any more
+        self._kick = threading.Event()                     # wakes the background thread
         self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
         self._closed = False
         self._heartbeat_on = False
         self.stats = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "late_replies": 0,
@@ -136,28 +159,33 @@ class PSClient:
     def start(self, timeout: float = 10.0) -> "PSClient":
         if self._thread is not None:
             return self
-        self._bell_rx = self.ctx.socket(zmq.PAIR)
-        self._bell_rx.bind(self._bell_addr)
-        self._bell = self.ctx.socket(zmq.PAIR)
-        self._bell.setsockopt(zmq.LINGER, 0)
-        self._bell.connect(self._bell_addr)
-        self._thread = threading.Thread(target=self._run, name=f"zps-client-w{self.worker_id}", daemon=True)
+        with self._io:
+            self._bell_rx = self.ctx.socket(zmq.PAIR)
+            self._bell_rx.bind(self._bell_addr)
+            self._bell = self.ctx.socket(zmq.PAIR)
+            self._bell.setsockopt(zmq.LINGER, 0)
+            self._bell.connect(self._bell_addr)
+            self._socks = [self._socket(ep) for ep in self.endpoints]
+            self._index = {sock: k for k, sock in enumerate(self._socks)}
+            self._poller = zmq.Poller()
+            self._poller.register(self._bell_rx, zmq.POLLIN)
+            for sock in self._socks:
+                self._poller.register(sock, zmq.POLLIN)
+        self._thread = threading.Thread(target=self._background, name=f"zps-client-w{self.worker_id}",
+                                        daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout):
-            raise DeadlineExceeded(f"client I/O thread did not start within {timeout}s")
         return self
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the I/O thread (pending requests fail with ClosedError) and close sockets."""
+        """Stop the background thread (pending requests fail with ClosedError) and close sockets."""
         if self._closed:
             return
         self._closed = True
         if self._thread is not None:
-            self._ring(("stop",))
+            self._kick.set()
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("client I/O thread did not stop within %.1fs", timeout)
-            self._bell.close(linger=0)
         if self._own_ctx:
             self.ctx.term()
 
@@ -168,11 +196,6 @@ class PSClient:
         self.close()
 
     # ------------------------------------------------------------ requests
-    def _ring(self, cmd: tuple) -> None:
-        self._cmds.put(cmd)
-        with self._bell_lock:
-            self._bell.send(b"", zmq.NOBLOCK)
-
     def request(self, server: int, msg_type: MsgType, header: dict | None = None, frames: Sequence = (),
                 timeout: float | None = None, track: bool = False):
         """Send one request to one server; return its Future (and tracker if ``track``).
@@ -191,14 +214,27 @@ class PSClient:
             data = [f for f in frames[1:] if isinstance(f, zmq.Frame)]
             if data:
                 tracker = zmq.MessageTracker(*data)
-        fut: cf.Future = cf.Future()
+        fut = _Reply(self)
         t = self.settings.request_timeout if timeout is None else timeout
         attempt = self.settings.attempt_timeout
         if msg_type == MsgType.PULL:  # a parked pull is answered by its deadline at the latest
             attempt += (header or {}).get("dl", 0) / 1000.0
         req = _Request(rid, server, frames, fut, t, attempt, msg_type)
         frames = None
-        self._ring(("send", req))
+        if self._io.acquire(blocking=False):   # the sockets are free: send it from here
+            try:
+                self._take_handed()                  # earlier requests leave first
+                self._admit(req)
+            finally:
+                self._io.release()
+        else:                                        # hand it to whoever holds them
+            self._cmds.put(req)
+            with self._bell_lock:
+                try:
+                    self._bell.send(b"", zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._kick.set()
         return (fut, tracker) if track else fut
 
     def _data_frames(self, arr: np.ndarray, lo: int, hi: int, frame_elems: int) -> list:
@@ -227,8 +263,9 @@ class PSClient:
         futs = [self.request(k, MsgType.HELLO, head, timeout=timeout) for k in range(len(self.endpoints))]
         replies = [m.header for m in _wait_all(futs, timeout or self.settings.request_timeout, "hello")]
         self.plan = plan
+        self._next_beat = time.monotonic()
         self._heartbeat_on = True
-        self._ring(("heartbeat",))
+        self._kick.set()
         return replies
 
     def init(self, flat: np.ndarray, timeout: float | None = None) -> list[bool]:
@@ -306,137 +343,199 @@ class PSClient:
         return self.request(server, MsgType.STATS, timeout=timeout).result(
             timeout or self.settings.request_timeout)["stats"]
 
-    # ------------------------------------------------------------ I/O thread
+    # ------------------------------------------------------------ I/O (holder of _io only)
     def _socket(self, endpoint: str) -> zmq.Socket:
         # a server that is down is retried by ZeroMQ with capped exponential backoff
         return make_dealer(self.ctx, endpoint, self.settings.transport, self.keys,
                            reconnect_max=self.settings.backoff_max)
 
-    def _run(self) -> None:
-        socks = [self._socket(ep) for ep in self.endpoints]
-        index = {s: k for k, s in enumerate(socks)}
-        poller = zmq.Poller()
-        poller.register(self._bell_rx, zmq.POLLIN)
-        for s in socks:
-            poller.register(s, zmq.POLLIN)
-        pending: dict[int, _Request] = {}
-        timers: list[tuple[float, int, int]] = []   # (when, rid, attempt): resend or expire
-        next_beat = time.monotonic()
-        self._ready.set()
-        running = True
+    def _admit(self, req: "_Request") -> None:
+        """Send a new request and arm its retry timer."""
+        if self._io_closed:
+            req.release()
+            req.future.set_exception(ClosedError("client closed"))
+            return
+        if not req.future.set_running_or_notify_cancel():
+            return
+        self.stats["requests"] += 1
+        self._pending[req.rid] = req
+        self._transmit(req)
+        self._schedule(req)
 
-        def send(req: _Request, copies: int) -> None:
-            for _ in range(copies):
-                try:
-                    socks[req.server].send_multipart(req.frames, zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    self.stats["send_blocked"] += 1
-            self.stats["bytes_sent"] += req.nbytes * copies
-
-        def transmit(req: _Request) -> None:
-            copies, delay = self._faults.plan(req.mtype.name) if self._faults else (1, 0.0)
-            if delay > 0:  # held back by the fault injector: sent when its timer fires
-                heapq.heappush(timers, (time.monotonic() + delay, req.rid, -1 - req.attempt))
+    def _take_handed(self) -> None:
+        """Admit the requests other threads handed over while the sockets were busy."""
+        while True:
+            try:
+                req = self._cmds.get_nowait()
+            except queue.Empty:
                 return
-            send(req, copies)
+            self._admit(req)
 
-        def schedule(req: _Request) -> None:
-            wait = req.attempt_timeout if req.attempt == 0 else min(
-                self.settings.backoff_max * 4, req.attempt_timeout)
-            heapq.heappush(timers, (min(req.deadline, time.monotonic() + wait), req.rid, req.attempt))
+    def _send(self, req: "_Request", copies: int) -> None:
+        for _ in range(copies):
+            try:
+                self._socks[req.server].send_multipart(req.frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.stats["send_blocked"] += 1
+        self.stats["bytes_sent"] += req.nbytes * copies
 
+    def _transmit(self, req: "_Request") -> None:
+        copies, delay = self._faults.plan(req.mtype.name) if self._faults else (1, 0.0)
+        if delay > 0:  # held back by the fault injector: sent when its timer fires
+            heapq.heappush(self._timers, (time.monotonic() + delay, req.rid, -1 - req.attempt))
+            return
+        self._send(req, copies)
+
+    def _schedule(self, req: "_Request") -> None:
+        wait = req.attempt_timeout if req.attempt == 0 else min(
+            self.settings.backoff_max * 4, req.attempt_timeout)
+        heapq.heappush(self._timers, (min(req.deadline, time.monotonic() + wait), req.rid, req.attempt))
+
+    def _next_wake(self, now: float) -> float:
+        wake = self._next_beat if self._heartbeat_on else now + 1.0
+        if self._timers:
+            wake = min(wake, self._timers[0][0])
+        return wake
+
+    def _drive(self, timeout: float) -> int:
+        """One round of I/O, waiting up to ``timeout`` seconds; return the replies handled.
+
+        Waits for a reply, the doorbell or the next timer, whichever comes
+        first, then handles everything that is due.
+        """
+        now = time.monotonic()
+        wait = max(0.0, min(timeout, self._next_wake(now) - now))
+        events = dict(self._poller.poll(int(wait * 1000 + 0.999)))
+        handled = 0
+        if self._bell_rx in events:
+            while self._bell_rx.get(zmq.EVENTS) & zmq.POLLIN:
+                self._bell_rx.recv(zmq.NOBLOCK)
+        self._take_handed()
+        for sock in self._socks:
+            if sock not in events:
+                continue
+            k = self._index[sock]
+            while sock.get(zmq.EVENTS) & zmq.POLLIN:
+                self._on_reply(k, sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                handled += 1
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, rid, attempt = heapq.heappop(timers)
+            req = self._pending.get(rid)
+            if req is None:
+                continue
+            if attempt < 0:        # a send the fault injector held back
+                if -1 - attempt == req.attempt:
+                    self._send(req, 1)
+                continue
+            if attempt != req.attempt:
+                continue
+            if now >= req.deadline:
+                del self._pending[rid]
+                req.release()
+                req.future.set_exception(DeadlineExceeded(
+                    f"{req.mtype.name} to server {req.server} ({self.endpoints[req.server]}) got no "
+                    f"answer within {req.timeout:.1f}s after {req.attempt + 1} attempts; "
+                    "is the server running and reachable?"))
+                continue
+            req.attempt += 1
+            self.stats["retries"] += 1
+            self._transmit(req)
+            self._schedule(req)
+        if self._heartbeat_on and now >= self._next_beat:
+            self._next_beat = now + self.settings.heartbeat_interval
+            head = proto.encode(MsgType.HEARTBEAT, {"rid": 0, "w": self.worker_id, "inc": self.incarnation})
+            for sock in self._socks:
+                try:
+                    sock.send_multipart(head, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        return handled
+
+    def _wait_for(self, fut: "_Reply", timeout: float | None) -> None:
+        """Drive the sockets from this thread until ``fut`` is done or ``timeout`` passes.
+
+        If another thread holds the sockets, it completes ``fut`` as it goes;
+        this thread then only checks back every few milliseconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not fut.done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            if not self._closed and self._io.acquire(blocking=False):
+                try:
+                    # in slices, so that a close() from another thread is noticed; once
+                    # closing, the background thread fails every pending reply
+                    while not fut.done() and not self._closed:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            return
+                        self._drive(_LEAD_SLICE if left is None else min(left, _LEAD_SLICE))
+                finally:
+                    self._io.release()
+            else:
+                cf.wait([fut], _FOLLOW_SLICE if left is None else min(left, _FOLLOW_SLICE))
+
+    def _poke(self) -> None:
+        """Handle whatever has arrived, without waiting (if the sockets are free)."""
+        if not self._closed and self._io.acquire(blocking=False):
+            try:
+                if not self._io_closed:
+                    self._drive(0)
+            finally:
+                self._io.release()
+
+    def _background(self) -> None:
+        """Heartbeats, retries, deadlines, and replies nobody waits for."""
+        idle = _BG_MIN
+        while not self._closed:
+            now = time.monotonic()
+            wake = self._next_wake(now)
+            if self._pending or not self._cmds.empty():
+                wake = min(wake, now + idle)
+            self._kick.wait(max(0.0, wake - now))
+            self._kick.clear()
+            if self._closed:
+                break
+            if self._io.acquire(blocking=False):    # else a waiting caller is driving
+                try:
+                    handled = self._drive(0)
+                finally:
+                    self._io.release()
+                idle = _BG_MIN if handled else min(_BG_MAX, idle * 2)
+        self._shutdown_io()
+
+    def _shutdown_io(self) -> None:
+        # a thread driving the sockets lets go within one slice once _closed is set
+        held = self._io.acquire(timeout=_LEAD_SLICE * 20)
+        if not held:
+            log.error("client I/O: a waiting thread kept the sockets; closing them anyway")
         try:
-            while running:
-                now = time.monotonic()
-                wake = next_beat if self._heartbeat_on else now + 1.0
-                if timers:
-                    wake = min(wake, timers[0][0])
-                events = dict(poller.poll(max(0, int((wake - now) * 1000) + 1)))
-                if self._bell_rx in events:
-                    while True:
-                        try:
-                            self._bell_rx.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                    while True:
-                        try:
-                            cmd = self._cmds.get_nowait()
-                        except queue.Empty:
-                            break
-                        if cmd[0] == "stop":
-                            running = False
-                            break
-                        if cmd[0] == "heartbeat":
-                            next_beat = time.monotonic()
-                            continue
-                        req = cmd[1]
-                        cmd = None
-                        if not req.future.set_running_or_notify_cancel():
-                            continue
-                        self.stats["requests"] += 1
-                        pending[req.rid] = req
-                        transmit(req)
-                        schedule(req)
-                for s in socks:
-                    if s not in events:
-                        continue
-                    while True:
-                        try:
-                            frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_reply(index[s], frames, pending)
-                now = time.monotonic()
-                while timers and timers[0][0] <= now:
-                    _, rid, attempt = heapq.heappop(timers)
-                    req = pending.get(rid)
-                    if req is None:
-                        continue
-                    if attempt < 0:        # a send the fault injector held back
-                        if -1 - attempt == req.attempt:
-                            send(req, 1)
-                        continue
-                    if attempt != req.attempt:
-                        continue
-                    if now >= req.deadline:
-                        del pending[rid]
-                        req.release()
-                        req.future.set_exception(DeadlineExceeded(
-                            f"{req.mtype.name} to server {req.server} ({self.endpoints[req.server]}) got no "
-                            f"answer within {req.timeout:.1f}s after {req.attempt + 1} attempts; "
-                            "is the server running and reachable?"))
-                        continue
-                    req.attempt += 1
-                    self.stats["retries"] += 1
-                    transmit(req)
-                    schedule(req)
-                if self._heartbeat_on and now >= next_beat:
-                    next_beat = now + self.settings.heartbeat_interval
-                    head = proto.encode(MsgType.HEARTBEAT, {"rid": 0, "w": self.worker_id,
-                                                            "inc": self.incarnation})
-                    for s in socks:
-                        try:
-                            s.send_multipart(head, zmq.NOBLOCK)
-                        except zmq.Again:
-                            pass
-        finally:
-            for req in pending.values():
+            self._io_closed = True
+            for req in self._pending.values():
                 req.release()
                 req.future.set_exception(ClosedError(
                     f"client closed before {req.mtype.name} to server {req.server} was answered"))
+            self._pending.clear()
             while True:
                 try:
-                    cmd = self._cmds.get_nowait()
+                    req = self._cmds.get_nowait()
                 except queue.Empty:
                     break
-                if cmd[0] == "send":
-                    cmd[1].release()
-                    cmd[1].future.set_exception(ClosedError("client closed"))
-            for s in socks:
-                s.close()
+                req.release()
+                req.future.set_exception(ClosedError("client closed"))
+            for sock in self._socks:
+                sock.close()
             self._bell_rx.close(linger=0)
+            with self._bell_lock:
+                self._bell.close(linger=0)
+        finally:
+            if held:
+                self._io.release()
 
-    def _on_reply(self, k: int, frames: list, pending: dict) -> None:
+    def _on_reply(self, k: int, frames: list) -> None:
         self.stats["bytes_received"] += sum(len(f) for f in frames)
         try:
             msg = proto.decode(frames)
@@ -448,9 +547,9 @@ class PSClient:
                 known = self.server_inc[k]
                 if known is not None and msg["sinc"] != known and self._fenced[k] != msg["sinc"]:
                     self._fenced[k] = msg["sinc"]
-                    self._fence_server(k, pending, msg["sinc"])
+                    self._fence_server(k, msg["sinc"])
             return
-        req = pending.pop(msg.rid, None)
+        req = self._pending.pop(msg.rid, None)
         if req is None:
             self.stats["late_replies"] += 1
             return
@@ -463,17 +562,57 @@ class PSClient:
                 self.server_inc[k] = msg["sinc"]
             req.future.set_result(msg)
 
-    def _fence_server(self, k: int, pending: dict, new_inc: int) -> None:
+    def _fence_server(self, k: int, new_inc: int) -> None:
         """Server k restarted: every request addressed to its old incarnation fails FENCED."""
         log.warning("server %d (%s) restarted (incarnation %#x -> %#x)", k, self.endpoints[k],
                     self.server_inc[k], new_inc)
         self.server_restarts[k] += 1
+        pending = self._pending
         for rid in [r for r, req in pending.items() if req.server == k and req.mtype != MsgType.HELLO]:
             req = pending.pop(rid)
             req.release()
             req.future.set_exception(remote_error(
                 ErrorCode.FENCED, f"server {k} restarted; its previous incarnation's requests are void",
                 self.endpoints[k], {"server": k}))
+
+
+#: Longest a waiting thread drives the sockets before it looks at the clock and close() again.
+_LEAD_SLICE = 0.05
+#: How often a thread whose reply another thread is fetching checks back (seconds).
+_FOLLOW_SLICE = 0.002
+#: The background thread looks for replies nobody waits for this often at first ...
+_BG_MIN = 0.001
+#: ... backing off to this while nothing arrives (a waiting caller never waits for it).
+_BG_MAX = 0.05
+
+
+class _Reply(cf.Future):
+    """A Future whose waiter fetches its own reply (see the module docstring)."""
+
+    def __init__(self, client: "PSClient"):
+        super().__init__()
+        self._client = client
+
+    def done(self) -> bool:
+        if not super().done():
+            self._client._poke()
+        return super().done()
+
+    def result(self, timeout: float | None = None):
+        if not super().done():
+            self._client._wait_for(self, timeout)
+        return super().result(0 if super().done() else _remaining(timeout))
+
+    def exception(self, timeout: float | None = None):
+        if not super().done():
+            self._client._wait_for(self, timeout)
+        return super().exception(0 if super().done() else _remaining(timeout))
+
+
+def _remaining(timeout: float | None) -> float:
+    # _wait_for returned without the reply: its deadline passed (or the client closed, in
+    # which case the reply fails with ClosedError at once); wait no longer
+    return 0 if timeout is not None else _LEAD_SLICE
 
 
 class _Request:

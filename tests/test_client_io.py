@@ -1,0 +1,159 @@
+"""PSClient's I/O: callers drive the sockets themselves, the background thread fills in.
+
+One server in this process on 127.0.0.1 (real sockets); several client threads.
+"""
+import concurrent.futures as cf
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from common.config import ClientSettings, ServerSettings
+from common.errors import ClosedError
+from common.plan import PartitionPlan
+from common.protocol import MsgType
+from ps.server import ShardServer
+from worker.client import PSClient
+
+N = 256
+
+
+@pytest.fixture
+def server():
+    made = []
+
+    def make(**kw):
+        s = ShardServer(ServerSettings(**{"num_servers": 1, "num_workers": 2, "staleness": 0,
+                                          "lr": 1.0, **kw}))
+        s.run_in_background()
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        assert s.shutdown(5)
+
+
+@pytest.fixture
+def client():
+    made = []
+
+    def make(srv, w=0, **kw):
+        c = PSClient([srv.endpoint], w, settings=ClientSettings(frame_elems=64, **kw)).start()
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+
+
+def joined(srv, client, w=0, **kw):
+    c = client(srv, w, **kw)
+    plan = PartitionPlan.build([("w", (N,), "float32")], 1, frame_elems=64)
+    c.hello(plan)
+    c.init(np.zeros(N, np.float32))
+    return c
+
+
+def weights(c):
+    m = c.pull(0, timeout=10, observer=True).wait(10)[0]
+    return np.concatenate([np.frombuffer(f.buffer, dtype="<f4") for f in m.frames])
+
+
+def test_a_reply_nobody_waits_for_is_completed_by_the_background_thread(server, client):
+    srv = server(staleness="inf", num_workers=1)
+    c = joined(srv, client)
+    handle = c.push(np.ones(N, np.float32), 0)
+    # cf.wait looks at the futures' state only: nobody in this thread drives the sockets
+    done, not_done = cf.wait(handle.futures, timeout=10)
+    assert not not_done
+    assert handle.wait(0)[0]["step"] == 1
+
+
+def test_a_second_thread_is_served_while_the_first_waits_on_a_parked_read(server, client):
+    srv = server()                               # BSP, 2 workers: worker 0's read at clock 1 parks
+    a = joined(srv, client, 0)
+    b = client(srv, 1)
+    b.hello(a.plan)
+    a.push(np.ones(N, np.float32), 0).wait(10)   # worker 0 completes clock 0, worker 1 has not
+    parked = a.pull(1, timeout=20)
+    waiter = threading.Thread(target=lambda: parked.wait(20))
+    waiter.start()                               # it holds the client's sockets while it waits
+    try:
+        # the same client, another thread: the request is handed over and answered
+        stats = a.request(0, MsgType.STATS).result(10)
+        assert stats["stats"]["parked"] == 1
+        b.push(np.full(N, 3.0, np.float32), 0).wait(10)   # worker 1 completes clock 0: the read qualifies
+        waiter.join(20)
+        assert not waiter.is_alive()
+        assert parked.done()
+        got = np.concatenate([np.frombuffer(f.buffer, dtype="<f4") for f in parked.wait(0)[0].frames])
+        assert np.allclose(got, -2.0)            # the average of 1 and 3, applied once
+    finally:
+        waiter.join(20)
+
+
+def test_requests_from_many_threads_all_arrive_and_apply_once(server, client):
+    srv = server(staleness="inf", num_workers=1)
+    c = joined(srv, client)
+    errors = []
+
+    def pusher(k):
+        try:
+            for clk in range(20):
+                c.push(np.full(N, 1.0, np.float32), clk, tick=False).wait(20)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=pusher, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert np.allclose(weights(c), -80.0)
+    assert c.server_stats(0)["pushes"] == 80
+
+
+def test_requests_leave_in_the_order_they_were_made(server, client):
+    srv = server(staleness="inf", num_workers=1)
+    c = joined(srv, client)
+    handles = [c.push(np.full(N, float(k + 1), np.float32), k, tick=False) for k in range(30)]
+    steps = [h.wait(10)[0]["step"] for h in handles]
+    assert steps == list(range(1, 31))          # applied in the order pushed
+
+
+def test_close_fails_a_read_another_thread_is_waiting_for(server, client):
+    srv = server()
+    a = joined(srv, client, 0)
+    parked = a.pull(1, timeout=60)             # parks: worker 1 never completes clock 0
+    a.push(np.ones(N, np.float32), 0).wait(10)
+    failure = []
+
+    def wait():
+        try:
+            parked.wait(60)
+        except Exception as exc:
+            failure.append(exc)
+    t = threading.Thread(target=wait)
+    t.start()
+    t0 = time.monotonic()
+    a.close()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - t0 < 5
+    assert len(failure) == 1 and isinstance(failure[0], ClosedError)
+
+
+def test_heartbeats_go_out_while_a_caller_waits_for_a_long_time(server, client):
+    srv = server(worker_timeout=1.0)
+    a = joined(srv, client, 0, heartbeat_interval=0.2)
+    b = client(srv, 1, heartbeat_interval=0.2)
+    b.hello(a.plan)
+    a.push(np.ones(N, np.float32), 0).wait(10)
+    parked = a.pull(1, timeout=20)
+    t0 = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        parked.futures[0].result(3.0)           # this thread drives the sockets for 3 s
+    assert time.monotonic() - t0 >= 2.9
+    b.push(np.ones(N, np.float32), 0).wait(10)
+    parked.wait(10)
+    assert srv.snapshot_stats()["dead_workers"] == []
