@@ -157,3 +157,33 @@ def test_heartbeats_go_out_while_a_caller_waits_for_a_long_time(server, client):
     b.push(np.ones(N, np.float32), 0).wait(10)
     parked.wait(10)
     assert srv.snapshot_stats()["dead_workers"] == []
+
+
+class _NoBackground(PSClient):
+    """A client whose background thread does nothing: every reply must be fetched by its waiter."""
+
+    def _background(self):
+        while not self._closed:
+            self._kick.wait(0.1)
+        self._shutdown_io()
+
+
+def test_waiters_fetch_their_own_replies_without_the_background_thread(server):
+    srv = server(staleness="inf", num_workers=1)
+    c = _NoBackground([srv.endpoint], 0, settings=ClientSettings(frame_elems=64)).start()
+    try:
+        plan = PartitionPlan.build([("w", (N,), "float32")], 1, frame_elems=64)
+        c.hello(plan)
+        c.init(np.zeros(N, np.float32))
+        g = np.ones(N, np.float32)
+        h = c.push(g, 0)
+        h.wait_released(5)                      # waits for the answer, fetching it itself
+        assert h.released() and h.done()
+        assert h.wait(0)[0]["step"] == 1
+        h = c.push(g, 1)
+        deadline = time.monotonic() + 5
+        while not h.done():                     # done() looks at the sockets too
+            assert time.monotonic() < deadline
+        assert np.allclose(weights(c), -2.0)
+    finally:
+        c.close()

@@ -80,6 +80,15 @@ class PushHandle:
 
     def wait_released(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        # the client keeps the frames (to resend them) until the push is answered: wait for
+        # that first, which also fetches the answers when no other thread does
+        for f in self.futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                f.exception(left)
+            except cf.TimeoutError:
+                raise DeadlineExceeded(f"push still unanswered after {timeout:.1f}s; its gradient buffer "
+                                       "is kept for a resend") from None
         for t in self.trackers:
             if t is None:
                 continue
@@ -143,6 +152,7 @@ class PSClient:
         self._next_beat = 0.0
         self._io_closed = False                            # sockets closed: nobody drives any more
         self._kick = threading.Event()                     # wakes the background thread
+        self._bg_until = 0.0                               # when it wakes up next by itself
         self._thread: threading.Thread | None = None
         self._closed = False
         self._heartbeat_on = False
@@ -227,6 +237,8 @@ class PSClient:
                 self._admit(req)
             finally:
                 self._io.release()
+            if self._bg_until > time.monotonic() + _BG_MAX:
+                self._kick.set()                     # a long sleeper: it must look for the reply
         else:                                        # hand it to whoever holds them
             self._cmds.put(req)
             with self._bell_lock:
@@ -495,6 +507,7 @@ class PSClient:
             wake = self._next_wake(now)
             if self._pending or not self._cmds.empty():
                 wake = min(wake, now + idle)
+            self._bg_until = wake
             self._kick.wait(max(0.0, wake - now))
             self._kick.clear()
             if self._closed:

@@ -31,9 +31,10 @@ started through ``zpscluster.procs.RoleProcess``; it prints a READY line
 the benchmark process dies (``PR_SET_PDEATHSIG``), and every blocking call
 has a timeout.
 
-``--what-if`` adds candidates served by a ps-server whose torch runs one
-intra-op thread (``OMP_NUM_THREADS=1``), the engine change docs/BENCHMARKS.md
-proposes.
+Besides moving bytes (``bare``), the bare ROUTER can also apply a plain SGD
+step to each frame it receives (``bare_sgd``: torch ``add_`` on one thread,
+as the frames arrive, no checks): the least work any parameter server must
+do for a push, and so the ceiling of a push on this machine.
 
 Units: sizes are counted in elements of 2**20 (``1M`` = 1,048,576 fp32
 elements = 4 MiB); GB/s is 10**9 bytes of payload per second.
@@ -201,9 +202,6 @@ _GUARD = ("import ctypes, os, signal, sys\n"
           "if os.getppid() != int(sys.argv[1]): os._exit(3)\n"
           "os.execv(sys.argv[2], sys.argv[2:])\n")
 
-ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def guarded(cmd: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", _GUARD, str(os.getpid()), *cmd]
 
@@ -271,7 +269,7 @@ class Bench:
         return p
 
     def server(self, num_servers: int, staleness: str, optimizer: str = "sgd", num_workers: int = 1,
-               name: str = "server", one_thread: bool = False) -> list[RoleProcess]:
+               name: str = "server") -> list[RoleProcess]:
         """Start the ``num_servers`` servers of one job (READY not awaited)."""
         out = []
         for k in range(num_servers):
@@ -279,7 +277,7 @@ class Bench:
                           "--num-workers", str(num_workers), "--staleness", staleness,
                           "--bind", "tcp://127.0.0.1:0", "--optimizer", optimizer, "--lr", str(LR),
                           "--worker-timeout", str(LIVENESS_TIMEOUT), "--log-level", "WARNING")
-            out.append(self.spawn(cmd, f"{name}.{k}", ONE_THREAD_ENV if one_thread else None))
+            out.append(self.spawn(cmd, f"{name}.{k}"))
         return out
 
     def peer(self, kind: str, cfg: dict, name: str, env: dict | None = None) -> RoleProcess:
@@ -398,6 +396,7 @@ def _timed(op: Callable[[], Any], inner: int) -> dict:
 # =================================================================== bare pyzmq
 # Bare protocol between a DEALER (this process) and a ROUTER (a peer process):
 #   [b"P", data...]                     -> [b"k"]            push; data dropped
+#   [b"U" <u64 offset>, data...]        -> [b"k"]            push; SGD applied at byte offset
 #   [b"G" <u64 nbytes> <u64 frame>]     -> [b"d", data...]   pull nbytes in frames of `frame`
 
 def peer_router(cfg: dict) -> None:
@@ -411,12 +410,29 @@ def peer_router(cfg: dict) -> None:
     sock.bind("tcp://127.0.0.1:0")
     _emit("READY", {"role": "bare-router", "endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
     buf = np.zeros(0, dtype=np.uint8)
+    weights = None
     idle_ms = int(cfg.get("idle_timeout", 1800) * 1000)
     try:
         while sock.poll(idle_ms):
             frames = sock.recv_multipart(copy=False)
             ident, head = frames[0], frames[1].bytes
             if head[:1] == b"P":
+                sock.send_multipart([ident, b"k"])
+            elif head[:1] == b"U":
+                if weights is None:
+                    import torch
+                    torch.set_num_threads(1)  # as a ps-server
+                    weights = torch.zeros(0)
+                (pos,) = struct.unpack("<Q", head[1:9])
+                pos //= 4
+                for f in frames[2:]:
+                    g = torch.frombuffer(f.buffer, dtype=torch.float32)
+                    if weights.numel() < pos + g.numel():
+                        grown = torch.zeros(max(pos + g.numel(), 2 * weights.numel()))
+                        grown[:weights.numel()] = weights
+                        weights = grown
+                    weights[pos:pos + g.numel()].add_(g, alpha=-LR)
+                    pos += g.numel()
                 sock.send_multipart([ident, b"k"])
             elif head[:1] == b"G":
                 nbytes, frame = struct.unpack("<QQ", head[1:17])
@@ -434,8 +450,9 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
                   data, timeout: float = OP_TIMEOUT) -> None:
     """Move ``nbytes`` over ``socks`` (split evenly, contiguous parts) and wait for every answer.
 
-    ``op`` "push" sends data (``data`` is a buffer of at least ``nbytes``);
-    "pull" asks for it.  ``multipart``: each socket's part is one message of
+    ``op`` "push" sends data (``data`` is a buffer of at least ``nbytes``),
+    "push_sgd" too, and the ROUTER applies it as a plain SGD step; "pull"
+    asks for it.  ``multipart``: each socket's part is one message of
     ``chunk``-byte frames; else each chunk is one message, ``depth`` in
     flight per socket.
     """
@@ -451,6 +468,9 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
     def send(s, a, b):
         if op == "push":
             s.send_multipart([b"P", *(mv[x:min(b, x + chunk)] for x in range(a, b, chunk))], copy=False)
+        elif op == "push_sgd":
+            s.send_multipart([b"U" + struct.pack("<Q", a), *(mv[x:min(b, x + chunk)] for x in range(a, b, chunk))],
+                             copy=False)
         else:
             s.send(b"G" + struct.pack("<QQ", b - a, chunk))
 
@@ -728,8 +748,8 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
                  "copies them into a flat buffer (what PSWorker does); exchange = push then pull (the pull "
                  "then needs a fresh snapshot) against one gloo all_reduce of the same tensor, in "
                  "operations/s. bare = best of the chunking variants (trial run), ROUTER(s) in other "
-                 "processes. rpc = rpc_sync(apply_gradient) / rpc_sync(get_weights). zps_s1_t1 = what-if: "
-                 "the server's torch limited to one thread."})
+                 "processes; bare_sgd_r1 = the same push, the ROUTER applying plain SGD to each frame as it "
+                 "arrives (the ceiling of a push). rpc = rpc_sync(apply_gradient) / rpc_sync(get_weights)."})
     bc = {r: BareClient(b.ctx, rp["router_eps"][:r]) for r in (1, 2)}
     try:
         for n in sizes:
@@ -755,15 +775,13 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
             b.progress(f"bulk {key}: best bare variants " +
                        ", ".join(f"{op} x{r}: {v}" for (op, r), v in best.items()))
 
-            def bare(op, r):
+            def bare(op, r, as_op=None):
                 v = next(x for x in BARE_VARIANTS if x[0] == best[(op, r)])
-                return bc[r].cand(op, nbytes, v[1], v[2], v[3], data, gb, "GB/s")
+                return bc[r].cand(as_op or op, nbytes, v[1], v[2], v[3], data, gb, "GB/s")
 
             # -- zps: fresh servers per size (a server adopts one plan)
             jobs = {"s1": b.server(1, "inf", name=f"bulk{key}-s1"),
                     "s2": b.server(2, "inf", name=f"bulk{key}-s2")}
-            if o.what_if:
-                jobs["s1_t1"] = b.server(1, "inf", name=f"bulk{key}-s1t1", one_thread=True)
             clients: dict[str, ZpsClient] = {}
             try:
                 init = np.zeros(n, dtype=np.float32)
@@ -773,6 +791,7 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
                 figs: dict[str, dict] = {}
                 push = {f"zps_{j}": local(c.push, gb, "GB/s") for j, c in clients.items()}
                 push.update(bare_r1=bare("push", 1), bare_r2=bare("push", 2),
+                            bare_sgd_r1=bare("push", 1, "push_sgd"),
                             rpc=remote([rpc], {"what": "push", "n": n}, gb, "GB/s"))
                 figs["push"] = interleaved(push, o.reps, o.warmup, o.min_rep_s, b.progress, f"bulk {key} push")
                 pull = {f"zps_{j}": local(c.pull, gb, "GB/s") for j, c in clients.items()}
@@ -803,12 +822,11 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
         "elements": KIB4, "bytes": KIB4 * 4, "unit": "round trips/s", "figures": {},
         "notes": f"each timed call makes {count} requests with at most `depth` unanswered; zps = PSClient "
                  "push (plain SGD at staleness inf) / pull futures; bare = pyzmq DEALER to a ROUTER process "
-                 "(4 KiB request / 1-byte ack, 1-byte request / 4 KiB reply); rpc = rpc_async of the "
+                 "(4 KiB request / 1-byte ack, 1-byte request / 4 KiB reply); bare_sgd = the same push, the "
+                 "ROUTER applying plain SGD to it; rpc = rpc_async of the "
                  "tutorial object's methods, waited in order; exchange_d1 = zps push then pull against "
                  "one gloo all_reduce of 4 KiB"})
     jobs = {"s1": b.server(1, "inf", name="small-s1")}
-    if o.what_if:
-        jobs["s1_t1"] = b.server(1, "inf", name="small-s1t1", one_thread=True)
     clients: dict[str, ZpsClient] = {}
     bc = BareClient(b.ctx, rp["router_eps"][:1])
     try:
@@ -823,6 +841,9 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
                     cands[f"zps_{j}"] = local(lambda issue=issue: pipelined(issue, count, depth, _result),
                                               count, "ops/s")
                 cands["bare"] = bc.cand(op, KIB4 * 4 * count, KIB4 * 4, depth, False, data, count, "ops/s")
+                if op == "push":
+                    cands["bare_sgd"] = bc.cand("push_sgd", KIB4 * 4 * count, KIB4 * 4, depth, False, data,
+                                                count, "ops/s")
                 cands["rpc"] = remote([rp["rpc"]], {"what": f"{op}_async", "n": KIB4, "depth": depth,
                                                     "count": count}, count, "ops/s")
                 out["figures"][f"{op}_d{depth}"] = interleaved(cands, o.reps, o.warmup, o.min_rep_s,
@@ -1057,13 +1078,11 @@ def bench_train(b: Bench, res: dict) -> None:
     out = res.setdefault("train", {
         "unit": "iterations/s", "notes": "local = one process, torch.optim.SGD (lr 0.01); zps = 1 ps-server "
         "(SGD, lr 0.01) + 1 PSWorker process (read, zero_grad, backward, push; eager refresh); every "
-        "repetition ends with PSWorker.flush inside its time. Trainers run one at a time, interleaved. "
-        "zps_s1_t1 = what-if: the server's torch limited to one thread."})
+        "repetition ends with PSWorker.flush inside its time. Trainers run one at a time, interleaved, "
+        "each with --train-threads torch threads."})
     for kind in ("conv", "mlp"):
         jobs = {"s1": b.server(1, "1", name=f"train-{kind}-s1")[0],
                 "sinf": b.server(1, "inf", name=f"train-{kind}-sinf")[0]}
-        if o.what_if:
-            jobs["s1_t1"] = b.server(1, "1", name=f"train-{kind}-s1t1", one_thread=True)[0]
         trainers: dict[str, RoleProcess] = {}
         ctls: dict[str, PeerControl] = {}
         try:
@@ -1129,18 +1148,15 @@ def compute_ratios(res: dict) -> dict:
             r[f"{op}_vs_bare"] = _ratio(_med(g["zps_s1"]), _med(g["bare_r1"]))
             r[f"{op}_vs_rpc"] = _ratio(_med(g["zps_s1"]), _med(g["rpc"]))
             r[f"{op}_vs_bare_2servers"] = _ratio(_med(g["zps_s2"]), _med(g["bare_r2"]))
-            if "zps_s1_t1" in g:
-                r[f"whatif_1thread_{op}_vs_bare"] = _ratio(_med(g["zps_s1_t1"]), _med(g["bare_r1"]))
+        r["push_vs_bare_sgd"] = _ratio(_med(f["push"]["zps_s1"]), _med(f["push"].get("bare_sgd_r1")))
+        r["bare_sgd_vs_bare"] = _ratio(_med(f["push"].get("bare_sgd_r1")), _med(f["push"]["bare_r1"]))
         r["pull_install_vs_bare"] = _ratio(_med(f["pull"]["zps_s1_install"]), _med(f["pull"]["bare_r1"]))
         ex = f["exchange"]
         r["exchange_vs_allreduce"] = _ratio(_med(ex["zps_s1"]), _med(ex["gloo_all_reduce"]))
-        if "zps_s1_t1" in ex:
-            r["whatif_1thread_exchange_vs_allreduce"] = _ratio(_med(ex["zps_s1_t1"]), _med(ex["gloo_all_reduce"]))
     small = res.get("small")
     if small and small["figures"]:
         f = small["figures"]
-        for cand, base, name in (("zps_s1", "bare", "vs_bare"), ("zps_s1", "rpc", "vs_rpc"),
-                                 ("zps_s1_t1", "bare", "whatif_1thread_vs_bare")):
+        for cand, base, name in (("zps_s1", "bare", "vs_bare"), ("zps_s1", "rpc", "vs_rpc")):
             for d in (1, 8):
                 if cand not in f[f"push_d{d}"]:
                     continue
@@ -1149,6 +1165,10 @@ def compute_ratios(res: dict) -> dict:
                 r[f"small_push_{name}_depth{d}"] = pr
                 r[f"small_pull_{name}_depth{d}"] = pl
                 r[f"small_op_{name}_depth{d}"] = min(pr, pl) if pr and pl else None
+        for d in (1, 8):
+            g = f[f"push_d{d}"]
+            if "bare_sgd" in g:
+                r[f"small_push_vs_bare_sgd_depth{d}"] = _ratio(_med(g["zps_s1"]), _med(g["bare_sgd"]))
         r["small_op_vs_rpc"] = r.get("small_op_vs_rpc_depth1")
         r["small_exchange_vs_allreduce"] = _ratio(_med(f["exchange_d1"]["zps_s1"]),
                                                   _med(f["exchange_d1"]["gloo_all_reduce"]))
@@ -1174,7 +1194,7 @@ def compute_ratios(res: dict) -> dict:
             if kind not in tr:
                 continue
             f = tr[kind]["figures"]
-            for cand, suffix in (("zps_s1", "s1"), ("zps_sinf", "sinf"), ("zps_s1_t1", "s1_whatif_1thread")):
+            for cand, suffix in (("zps_s1", "s1"), ("zps_sinf", "sinf")):
                 if cand in f:
                     r[f"train{name}_vs_local_{suffix}"] = _ratio(_med(f[cand]), _med(f["local"]))
     return {k: v for k, v in r.items() if v is not None}
@@ -1219,7 +1239,7 @@ def render_table(res: dict) -> str:
                 for cand, f in group.items():
                     extra = ""
                     if cand.startswith("bare"):
-                        r = cand.split("_")[1]
+                        r = cand.rsplit("_", 1)[1]
                         extra = f"  ({_best_variant(bulk, key, op, r)})"
                     lines.append(_row(f"{op} {key} {cand}", f, extra))
     small = res.get("small")
@@ -1313,11 +1333,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write every figure, the ratios and the targets as JSON")
     p.add_argument("--reps", type=int, help="repetitions per figure [default 7; --quick 3]")
     p.add_argument("--warmup", type=int, help="warm-up calls per candidate [default 2; --quick 1]")
-    p.add_argument("--what-if", dest="what_if", action=argparse.BooleanOptionalAction, default=None,
-                   help="add candidates served by a ps-server limited to one torch thread "
-                        "[default: on, off with --quick]")
-    p.add_argument("--train-threads", type=int, default=0, metavar="N",
-                   help="torch threads of the local and zps trainers (OMP_NUM_THREADS) [default: torch's]")
+    p.add_argument("--train-threads", type=int, default=1, metavar="N",
+                   help="torch threads of the local and zps trainers (OMP_NUM_THREADS; 0: torch's default) "
+                        "[default 1: on 2 cores, 2-thread trainers next to a server swing tenfold]")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (the required ratios need all)")
     p.add_argument("--peer", help=argparse.SUPPRESS)
@@ -1363,8 +1381,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.reps < 1 or opts.warmup < 0:
         print("error: --reps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
-    if opts.what_if is None:
-        opts.what_if = not opts.quick
+    if opts.train_threads < 0:
+        print("error: --train-threads must be >= 0", file=sys.stderr)
+        return 2
     opts.min_rep_s = 0.1 if opts.quick else 0.3
     opts.train_rep_s = 0.4 if opts.quick else 2.5
     opts.memory_rounds = 4 if opts.quick else 8
@@ -1375,14 +1394,15 @@ def main(argv: list[str] | None = None) -> int:
                           "argv": sys.argv[1:] if argv is None else list(argv),
                           "quick": opts.quick, "sizes": opts.sizes, "reps": opts.reps,
                           "warmup": opts.warmup, "min_rep_s": opts.min_rep_s,
-                          "train_rep_s": opts.train_rep_s, "what_if": opts.what_if, "sections": sections,
+                          "train_rep_s": opts.train_rep_s, "sections": sections,
                           "train_threads": opts.train_threads or "torch default",
                           "units": "sizes in elements (1M = 2**20 fp32); GB/s = 1e9 bytes/s of payload",
                           "method": "candidates of a comparison interleaved per repetition; median (min, max) "
                                     "of the repetitions' mean rates",
                           "machine": machine_info()}}
     b.progress(f"sizes {', '.join(map(size_name, opts.sizes))}; {opts.reps} reps after {opts.warmup} "
-               f"warm-up; sections {', '.join(sections)}; what-if {'on' if opts.what_if else 'off'}")
+               f"warm-up; sections {', '.join(sections)}; trainers on "
+               f"{opts.train_threads or 'torch default'} thread(s)")
     code = 0
     try:
         rp = None
