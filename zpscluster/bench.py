@@ -235,12 +235,24 @@ class PeerControl:
         self.sock.close(0)
 
 
-def remote(ctls: Sequence[PeerControl], cmd: dict, work: float, unit: str) -> Cand:
-    """A candidate run by peers (all get the command; the first one's timing counts)."""
+def remote(ctls: Sequence[PeerControl], cmd: dict, work: float, unit: str,
+           frozen: Sequence[RoleProcess] = ()) -> Cand:
+    """A candidate run by peers (all get the command; the first one's timing counts).
+
+    ``frozen`` peers are kept stopped (SIGSTOP) outside their own turns: torch
+    rpc's TensorPipe polls busily even when idle, and would otherwise take a
+    core from every other candidate.
+    """
     def run(inner: int) -> float:
-        for c in ctls:
-            c.send(dict(cmd, op="run", inner=inner))
-        replies = [c.recv() for c in ctls]
+        for p in frozen:
+            p.signal(signal.SIGCONT)
+        try:
+            for c in ctls:
+                c.send(dict(cmd, op="run", inner=inner))
+            replies = [c.recv() for c in ctls]
+        finally:
+            for p in frozen:
+                p.signal(signal.SIGSTOP)
         return replies[0]["seconds"]
     return Cand(run, work, unit)
 
@@ -295,6 +307,7 @@ class Bench:
     def end(self, *ps: RoleProcess) -> None:
         for p in ps:
             try:
+                p.signal(signal.SIGCONT)  # a frozen peer (see remote) must run to end
                 p.stop(timeout=10)
             finally:
                 with self._lock:
@@ -327,6 +340,7 @@ class Bench:
         self.ctls = []
         for p in ps:
             try:
+                p.signal(signal.SIGCONT)
                 p.stop(timeout=10)
             except Exception as exc:  # keep ending the others
                 print(f"ps-bench: could not stop {p.name}: {exc}", file=sys.stderr)
@@ -720,10 +734,15 @@ def peers_start(b: Bench) -> dict:
     rp["rpc"] = b.control(rp["rpc_client"])
     rp["gloo_ctl"] = [b.control(p) for p in rp["gloo"]]
     b.ready(rp["rpc_server"])
+    rp["rpc_procs"] = [rp["rpc_server"], rp["rpc_client"]]
+    for p in rp["rpc_procs"]:    # idle between its turns (see remote)
+        p.signal(signal.SIGSTOP)
     return rp
 
 
 def peers_stop(b: Bench, rp: dict) -> None:
+    for p in rp["rpc_procs"]:
+        p.signal(signal.SIGCONT)
     b.quit_peers([rp["rpc"], *rp["gloo_ctl"]], [rp["rpc_client"], rp["rpc_server"], *rp["gloo"]])
     b.end(*rp["routers"])
 
@@ -792,12 +811,12 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
                 push = {f"zps_{j}": local(c.push, gb, "GB/s") for j, c in clients.items()}
                 push.update(bare_r1=bare("push", 1), bare_r2=bare("push", 2),
                             bare_sgd_r1=bare("push", 1, "push_sgd"),
-                            rpc=remote([rpc], {"what": "push", "n": n}, gb, "GB/s"))
+                            rpc=remote([rpc], {"what": "push", "n": n}, gb, "GB/s", rp["rpc_procs"]))
                 figs["push"] = interleaved(push, o.reps, o.warmup, o.min_rep_s, b.progress, f"bulk {key} push")
                 pull = {f"zps_{j}": local(c.pull, gb, "GB/s") for j, c in clients.items()}
                 pull["zps_s1_install"] = local(clients["s1"].pull_install, gb, "GB/s")
                 pull.update(bare_r1=bare("pull", 1), bare_r2=bare("pull", 2),
-                            rpc=remote([rpc], {"what": "pull", "n": n}, gb, "GB/s"))
+                            rpc=remote([rpc], {"what": "pull", "n": n}, gb, "GB/s", rp["rpc_procs"]))
                 figs["pull"] = interleaved(pull, o.reps, o.warmup, o.min_rep_s, b.progress, f"bulk {key} pull")
                 ex = {f"zps_{j}": local(c.exchange, 1, "ops/s") for j, c in clients.items()}
                 ex["gloo_all_reduce"] = remote(rp["gloo_ctl"], {"what": "all_reduce", "n": n}, 1, "ops/s")
@@ -845,7 +864,7 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
                     cands["bare_sgd"] = bc.cand("push_sgd", KIB4 * 4 * count, KIB4 * 4, depth, False, data,
                                                 count, "ops/s")
                 cands["rpc"] = remote([rp["rpc"]], {"what": f"{op}_async", "n": KIB4, "depth": depth,
-                                                    "count": count}, count, "ops/s")
+                                                    "count": count}, count, "ops/s", rp["rpc_procs"])
                 out["figures"][f"{op}_d{depth}"] = interleaved(cands, o.reps, o.warmup, o.min_rep_s,
                                                                b.progress, f"small {op} depth {depth}")
         ex = {f"zps_{j}": local(c.exchange, 1, "ops/s") for j, c in clients.items()}
