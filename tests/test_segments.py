@@ -204,6 +204,8 @@ def test_a_new_incarnation_voids_what_the_old_one_left_half_sent(make_server, ma
     old, plan = joined(srv, make_client)
     g = grad(6)
     segment(old, plan, g, 0, 256, 2, seq=0)
+    # asked on the same connection, after the segment: it is held by the time this answers
+    assert old.server_stats(0)["segments"] == 1
     new = make_client(srv)                               # same worker id, new incarnation
     new.hello(plan)
     assert new.server_stats(0)["held_dropped"] == 1
@@ -254,3 +256,42 @@ def test_a_large_update_shared_by_two_threads_equals_one_thread(make_server, mak
     one, two = (weights(c) for c in clients)
     assert np.array_equal(one, two)
     assert not np.array_equal(one, w0)
+
+
+def test_the_apply_pool_keeps_nothing_of_an_update_once_it_is_done():
+    import gc
+    import weakref
+
+    from ps.server import _ApplyPool
+
+    class Buffers:
+        pass
+    pool = _ApplyPool(2, "test")
+    try:
+        done = []
+        bufs = Buffers()
+        ref = weakref.ref(bufs)
+
+        def piece(i, bufs=bufs):
+            done.append(i)
+        pool.run(piece, 16)
+        assert sorted(done) == list(range(16))
+        del bufs, piece
+        gc.collect()
+        assert ref() is None          # neither the pool nor its helper thread holds the job
+    finally:
+        pool.close()
+
+
+def test_an_error_in_one_piece_of_a_shared_update_reaches_the_caller():
+    from ps.server import _ApplyPool
+    pool = _ApplyPool(2, "test")
+    try:
+        def piece(i):
+            if i == 5:
+                raise ValueError("piece 5")
+        with pytest.raises(ValueError, match="piece 5"):
+            pool.run(piece, 8)
+        pool.run(lambda i: None, 8)   # still usable
+    finally:
+        pool.close()
