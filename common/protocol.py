@@ -179,6 +179,20 @@ OPTIONAL: dict[MsgType, dict[str, type]] = {
 # empty job as -1); every other int is a non-negative u64.
 _SIGNED = frozenset({"staleness", "min_clock", "clk", "start_clock", "want"})
 
+#: Message type by wire code: a dict lookup costs less than ``MsgType(code)``.
+_TYPE_OF_CODE = {int(t): t for t in MsgType}
+
+
+def _key_rules(keys: dict[str, type]) -> tuple[tuple[str, type, int | None, int | None], ...]:
+    """``(key, type, lo, hi)`` per key; ``lo``/``hi`` bound an integer key, None otherwise."""
+    return tuple((key, typ, *((_I64 if key in _SIGNED else _U64) if typ is int else (None, None)))
+                 for key, typ in keys.items())
+
+
+# SCHEMA and OPTIONAL turned once into the tuples ``decode`` walks on every message.
+_REQUIRED_RULES = {t: _key_rules(SCHEMA[t]) for t in MsgType}
+_OPTIONAL_RULES = {t: _key_rules(OPTIONAL.get(t, {})) for t in MsgType}
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -280,24 +294,27 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {VERSION})",
                             ErrorCode.BAD_VERSION)
     raw_type = head.pop("t", None)
-    try:
-        if isinstance(raw_type, bool) or not isinstance(raw_type, int):
-            raise ValueError
-        msg_type = MsgType(raw_type)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {raw_type!r}", ErrorCode.UNKNOWN_TYPE) from None
+    msg_type = None
+    if isinstance(raw_type, int) and not isinstance(raw_type, bool):  # True would find HELLO
+        msg_type = _TYPE_OF_CODE.get(raw_type)
+    if msg_type is None:
+        raise ProtocolError(f"unknown message type {raw_type!r}", ErrorCode.UNKNOWN_TYPE)
     rid = head.get("rid", 0)
     if isinstance(rid, bool) or not isinstance(rid, int) or not _U64[0] <= rid <= _U64[1]:
         raise ProtocolError(f"rid must be an unsigned 64-bit integer, got {rid!r}")
-    schema = SCHEMA[msg_type]
-    optional = OPTIONAL.get(msg_type, {})
-    for key, typ in schema.items():
+    # A value of exactly its key's type (and range) is good; any other value gets
+    # the full check of _check_field, which accepts it or says what is wrong.
+    for key, typ, lo, hi in _REQUIRED_RULES[msg_type]:
         if key not in head:
             raise ProtocolError(f"{msg_type.name} lacks the key {key!r}")
-        _check_field(msg_type, key, head[key], typ)
-    for key, typ in optional.items():
+        value = head[key]
+        if type(value) is not typ or (lo is not None and not lo <= value <= hi):
+            _check_field(msg_type, key, value, typ)
+    for key, typ, lo, hi in _OPTIONAL_RULES[msg_type]:
         if key in head:
-            _check_field(msg_type, key, head[key], typ)
+            value = head[key]
+            if type(value) is not typ or (lo is not None and not lo <= value <= hi):
+                _check_field(msg_type, key, value, typ)
     if msg_type == MsgType.PULL and head.get("dl", 1) == 0:
         raise ProtocolError("PULL.dl must be > 0 milliseconds (leave it out for the server's default)")
     data = list(frames[1:])

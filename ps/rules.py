@@ -215,6 +215,9 @@ class PushLedger:
         mark = self._mark.get(w, -1)
         if seq <= mark:
             return
+        if seq == mark + 1 and not extra:  # the usual case: the next push, none ahead of it
+            self._mark[w] = seq
+            return
         extra.add(seq)
         while mark + 1 in extra:
             mark += 1

@@ -19,6 +19,13 @@ Definitions (docs/PROTOCOL.md and DESIGN.md, "Consistency"):
 * A worker that joined and then stays silent longer than ``worker_timeout``
   is dead: it leaves the ``min_clock`` computation.  A worker that (re)joins
   with a new incarnation starts at the ``min_clock`` of the others.
+
+:meth:`SSPGate.poll` runs after every request, so it answers "nothing to do"
+in constant time when nothing is parked (or no clock moved and no parked
+deadline passed) and no worker can have timed out yet.  For that the gate
+keeps two bounds up to date, so change the clock table only through its
+methods (``join``, ``seen``, ``advance``, ``park``, ``load``), never by
+writing to ``workers`` directly.
 """
 from __future__ import annotations
 
@@ -66,6 +73,11 @@ class SSPGate:
         self.worker_timeout = float(worker_timeout)
         self.workers = [WorkerState(last_seen=now) for _ in range(num_workers)]
         self._parked: list[ParkedRead] = []
+        # What lets poll() skip its scans (each a bound: stale only in the safe direction):
+        self._oldest_seen = math.inf   # <= last_seen of every live worker that said HELLO
+        self._first_deadline = math.inf  # <= deadline of every parked read
+        self._moved = True             # clocks or membership changed, or a read was parked ...
+        self._ready = None             # ... or ``ready`` changed, since the last full poll
 
     # -- membership --------------------------------------------------------
     def check_worker(self, w: int) -> None:
@@ -82,6 +94,8 @@ class SSPGate:
         self.check_worker(w)
         st = self.workers[w]
         st.last_seen = now
+        self._oldest_seen = min(self._oldest_seen, now)
+        self._moved = True
         if st.incarnation == incarnation and st.live:
             return st.clock
         if st.incarnation == -1 and st.live:
@@ -95,6 +109,15 @@ class SSPGate:
 
     def seen(self, w: int, now: float) -> None:
         self.workers[w].last_seen = now
+        if now < self._oldest_seen:  # only if time went back (tests) or nobody is checked yet
+            self._oldest_seen = now
+
+    def load(self, clocks, incarnations, now: float) -> None:
+        """Take the clock table of a checkpoint: every worker live, last seen at ``now``."""
+        for st, clk, inc in zip(self.workers, clocks, incarnations):
+            st.clock, st.incarnation, st.last_seen, st.live = clk, inc, now, True
+        self._oldest_seen = min(self._oldest_seen, now)
+        self._moved = True
 
     def live_workers(self) -> list[int]:
         return [i for i, st in enumerate(self.workers) if st.live]
@@ -114,6 +137,7 @@ class SSPGate:
         st = self.workers[w]
         if clocks_applied > st.clock:
             st.clock = clocks_applied
+            self._moved = True
 
     def need(self, clk: int) -> int | float:
         return clk - self.staleness
@@ -131,6 +155,8 @@ class SSPGate:
     # -- parked reads ------------------------------------------------------
     def park(self, token: Any, clk: int, deadline: float) -> None:
         self._parked.append(ParkedRead(token, self.need(clk), deadline))
+        self._first_deadline = min(self._first_deadline, deadline)
+        self._moved = True
 
     @property
     def parked(self) -> int:
@@ -153,8 +179,10 @@ class SSPGate:
         only if it was silent for ``worker_timeout`` before that, so a server
         busy with one long request never declares its queued-up peers dead.
         """
-        died = []
         horizon = now if seen_until is None else min(now, seen_until)
+        if self._idle(now, ready, horizon):
+            return [], [], []
+        died = []
         for i, st in enumerate(self.workers):
             if st.live and st.incarnation != -1 and horizon - st.last_seen > self.worker_timeout:
                 st.live = False
@@ -169,7 +197,26 @@ class SSPGate:
             else:
                 keep.append(p)
         self._parked = keep
+        self._first_deadline = min((p.deadline for p in keep), default=math.inf)
+        self._oldest_seen = min((st.last_seen for st in self.workers if st.live and st.incarnation != -1),
+                                default=math.inf)
+        self._moved, self._ready = False, ready
         return released, expired, died
+
+    def _idle(self, now: float, ready: bool, horizon: float) -> bool:
+        """Whether a full :meth:`poll` would find nothing to do (decided in constant time).
+
+        No worker dies: ``horizon - last_seen`` is largest for the oldest
+        ``last_seen`` (float subtraction is monotonic), the same test as the
+        scan's.  No parked read is released: nothing that decides it (clocks,
+        membership, the set of reads, ``ready``) changed since the last full
+        poll, which released every read it could.  None expires: ``now`` is
+        before the earliest deadline.
+        """
+        if horizon - self._oldest_seen > self.worker_timeout:
+            return False
+        return not self._parked or (not self._moved and ready == self._ready
+                                    and now < self._first_deadline)
 
     def drain(self) -> list[Any]:
         """Remove and return every parked token (at shutdown)."""
