@@ -152,7 +152,6 @@ class PSClient:
         self._next_beat = 0.0
         self._io_closed = False                            # sockets closed: nobody drives any more
         self._kick = threading.Event()                     # wakes the background thread
-        self._bg_until = 0.0                               # when it wakes up next by itself
         self._thread: threading.Thread | None = None
         self._closed = False
         self._heartbeat_on = False
@@ -237,8 +236,6 @@ class PSClient:
                 self._admit(req)
             finally:
                 self._io.release()
-            if self._bg_until > time.monotonic() + _BG_MAX:
-                self._kick.set()                     # a long sleeper: it must look for the reply
         else:                                        # hand it to whoever holds them
             self._cmds.put(req)
             with self._bell_lock:
@@ -376,7 +373,7 @@ class PSClient:
 
     def _take_handed(self) -> None:
         """Admit the requests other threads handed over while the sockets were busy."""
-        while True:
+        while not self._cmds.empty():
             try:
                 req = self._cmds.get_nowait()
             except queue.Empty:
@@ -472,7 +469,8 @@ class PSClient:
         this thread then only checks back every few milliseconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not fut.done():
+        done = cf.Future.done.__get__(fut)   # the plain state check, not _Reply.done's I/O
+        while not done():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
@@ -480,7 +478,7 @@ class PSClient:
                 try:
                     # in slices, so that a close() from another thread is noticed; once
                     # closing, the background thread fails every pending reply
-                    while not fut.done() and not self._closed:
+                    while not done() and not self._closed:
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             return
@@ -505,9 +503,9 @@ class PSClient:
         while not self._closed:
             now = time.monotonic()
             wake = self._next_wake(now)
-            if self._pending or not self._cmds.empty():
-                wake = min(wake, now + idle)
-            self._bg_until = wake
+            # never asleep for long: a request needs no wake-up call (which would cost the
+            # caller a GIL hand-off), its reply is looked for within _BG_MAX at the latest
+            wake = min(wake, now + (idle if self._pending or not self._cmds.empty() else _BG_MAX))
             self._kick.wait(max(0.0, wake - now))
             self._kick.clear()
             if self._closed:
@@ -595,7 +593,8 @@ _LEAD_SLICE = 0.05
 _FOLLOW_SLICE = 0.002
 #: The background thread looks for replies nobody waits for this often at first ...
 _BG_MIN = 0.001
-#: ... backing off to this while nothing arrives (a waiting caller never waits for it).
+#: ... backing off to this while nothing arrives (a waiting caller never waits for it);
+#: it also never sleeps longer than this, so a new request needs no wake-up call.
 _BG_MAX = 0.05
 
 
