@@ -774,7 +774,9 @@ def bench_bulk(b: Bench, sizes: Sequence[int], res: dict, rp: dict) -> None:
         for n in sizes:
             nbytes, key = n * 4, size_name(n)
             gb = nbytes / 1e9
-            data = np.ones(nbytes, dtype=np.uint8)
+            # the gradient zps pushes (1e-7): bytes of 1 would be subnormal floats, which
+            # bare_sgd's update would then crawl through
+            data = np.full(n, 1e-7, dtype=np.float32).view(np.uint8)
             # -- bare: pick the best chunking per op and router count (interleaved trial)
             best, variants = {}, {}
             for op in ("push", "pull"):
@@ -851,7 +853,7 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
     try:
         for j, ps in jobs.items():
             clients[j] = ZpsClient(b.ready(*ps), KIB4)
-        data = np.ones(KIB4 * 4 * count, dtype=np.uint8)
+        data = np.full(KIB4 * count, 1e-7, dtype=np.float32).view(np.uint8)
         for op in ("push", "pull"):
             for depth in (1, 8):
                 cands = {}
