@@ -741,3 +741,43 @@ def test_from_dict_rejects_unknown_keys_naming_them():
 def test_from_dict_requires_name_and_lr():
     with pytest.raises(ConfigError, match=r"lacks required keys \['lr'\]"):
         OptimizerSpec.from_dict({"name": "adam"})
+
+
+# -- the fused kernels called directly ----------------------------------------
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_calling_the_fused_kernel_directly_changes_no_bit(name):
+    spec = CASES[name]
+    runs = []
+    for direct in (False, True):
+        w = initial_weights()
+        opt = ShardOptimizer(w, spec, CHUNK, impl="fused", direct=direct)
+        for k, g in enumerate(grad_sequence(12)):
+            chunks = chunked(g)
+            if k % 3 == 2:                       # some steps in two segments
+                opt.step(chunks[:2], 1.0, first=0, count=False)
+                opt.step(chunks[2:], 1.0, first=2)
+            else:
+                opt.step(chunks, 0.5 if k % 4 == 1 else 1.0)
+        runs.append((w, opt.state_dict()))
+    (w_a, st_a), (w_b, st_b) = runs
+    assert torch.equal(w_a, w_b)
+    for kind in st_a["buffers"]:
+        assert torch.equal(st_a["buffers"][kind], st_b["buffers"][kind])
+    assert st_a["param_step"] == st_b["param_step"]
+
+
+def test_the_direct_path_is_used_only_where_it_was_checked_to_match(monkeypatch):
+    import ps.optim as optim
+    spec = OptimizerSpec("sgd", lr=0.1, momentum=0.5)
+    monkeypatch.setattr(optim, "_DIRECT_WORKS", {})
+    assert ShardOptimizer(torch.zeros(10), spec, 4, impl="fused")._direct
+    assert not ShardOptimizer(torch.zeros(10), spec, 4, impl="foreach")._direct
+    assert not ShardOptimizer(torch.zeros(10), OptimizerSpec("adagrad", lr=0.1), 4, impl="fused")._direct
+
+    def changed(*args, **kwargs):                # as if another torch release changed the op
+        raise TypeError("_fused_sgd_() got an unexpected keyword argument")
+    monkeypatch.setattr(optim, "_DIRECT_WORKS", {})
+    monkeypatch.setattr(torch, "_fused_sgd_", changed)
+    opt = ShardOptimizer(torch.zeros(10), spec, 4, impl="fused")
+    assert not opt._direct
