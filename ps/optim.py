@@ -418,8 +418,12 @@ class ShardOptimizer:
             raise ValueError(f"lr_scale must be finite and > 0, got {lr_scale!r}")
 
         if grads:
-            with torch.no_grad():  # as Optimizer.step: the update is not recorded
-                self._update(first, first + len(grads), list(grads), self._spec.lr * lr_scale)
+            lr = self._spec.lr * lr_scale
+            if any(g.requires_grad for g in grads):
+                with torch.no_grad():  # as Optimizer.step: the update is not recorded
+                    self._update(first, first + len(grads), list(grads), lr)
+            else:  # nothing here requires grad (the shard never does): nothing to record
+                self._update(first, first + len(grads), list(grads), lr)
         if count:
             self._steps += 1
 

@@ -781,3 +781,12 @@ def test_the_direct_path_is_used_only_where_it_was_checked_to_match(monkeypatch)
     monkeypatch.setattr(torch, "_fused_sgd_", changed)
     opt = ShardOptimizer(torch.zeros(10), spec, 4, impl="fused")
     assert not opt._direct
+
+
+def test_a_gradient_that_requires_grad_is_applied_without_recording_anything():
+    w = initial_weights()
+    opt = ShardOptimizer(w, OptimizerSpec("sgd", lr=0.1), CHUNK)
+    g = torch.ones(N, requires_grad=True)
+    opt.step([c for c in g.split(CHUNK)])
+    assert not w.requires_grad and w.grad_fn is None
+    assert torch.allclose(w, initial_weights() - 0.1)
