@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Hashable
+from typing import Any
 
 from common.config import parse_staleness
 from common.errors import ConfigError

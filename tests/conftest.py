@@ -3,9 +3,7 @@
 Every process a test starts is registered with ``procs`` and stopped (SIGTERM,
 then SIGKILL) at teardown, whether the test passed or not.
 """
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -49,6 +47,39 @@ def procs():
         yield ps
     finally:
         ps.stop_all()
+
+
+@pytest.fixture
+def shard_servers():
+    """Make ``ShardServer``s in this process (real sockets on 127.0.0.1); all shut down at teardown."""
+    from common.config import ServerSettings
+    from ps.server import ShardServer
+    made = []
+
+    def make(**settings):
+        s = ShardServer(ServerSettings(**{"num_servers": 1, **settings}))
+        s.run_in_background()
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        assert s.shutdown(5)
+
+
+@pytest.fixture
+def ps_clients():
+    """Make started ``PSClient``s of one server each (64-element frames by default); closed at teardown."""
+    from common.config import ClientSettings
+    from worker.client import PSClient
+    made = []
+
+    def make(server, w=0, frame_elems=64, **settings):
+        c = PSClient([server.endpoint], w, settings=ClientSettings(frame_elems=frame_elems, **settings)).start()
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
 
 
 @pytest.fixture

@@ -9,42 +9,23 @@ import time
 import numpy as np
 import pytest
 
-from common.config import ClientSettings, ServerSettings
+from common.config import ClientSettings
 from common.errors import ClosedError
 from common.plan import PartitionPlan
 from common.protocol import MsgType
-from ps.server import ShardServer
 from worker.client import PSClient
 
 N = 256
 
 
 @pytest.fixture
-def server():
-    made = []
-
-    def make(**kw):
-        s = ShardServer(ServerSettings(**{"num_servers": 1, "num_workers": 2, "staleness": 0,
-                                          "lr": 1.0, **kw}))
-        s.run_in_background()
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        assert s.shutdown(5)
+def server(shard_servers):
+    return lambda **kw: shard_servers(**{"num_workers": 2, "staleness": 0, "lr": 1.0, **kw})
 
 
 @pytest.fixture
-def client():
-    made = []
-
-    def make(srv, w=0, **kw):
-        c = PSClient([srv.endpoint], w, settings=ClientSettings(frame_elems=64, **kw)).start()
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.close()
+def client(ps_clients):
+    return ps_clients
 
 
 def joined(srv, client, w=0, **kw):

@@ -8,43 +8,23 @@ import concurrent.futures as cf
 import numpy as np
 import pytest
 
-from common.config import ClientSettings, ServerSettings
 from common.errors import ErrorCode, RemoteError
 from common.plan import PartitionPlan
 from common.protocol import MsgType
-from ps.server import MAX_HELD_PER_WORKER, PARALLEL_MIN_ELEMS, ShardServer
-from worker.client import PSClient
+from ps.server import MAX_HELD_PER_WORKER, PARALLEL_MIN_ELEMS
 
 FRAME = 64
 N = 600          # 10 frames, the last one of 24 elements
 
 
 @pytest.fixture
-def make_server():
-    made = []
-
-    def make(**kw):
-        s = ShardServer(ServerSettings(**{"num_servers": 1, "num_workers": 1, "staleness": "inf",
-                                          "lr": 1.0, **kw}))
-        s.run_in_background()
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        assert s.shutdown(5)
+def make_server(shard_servers):
+    return lambda **kw: shard_servers(**{"num_workers": 1, "staleness": "inf", "lr": 1.0, **kw})
 
 
 @pytest.fixture
-def make_client():
-    made = []
-
-    def make(server, w=0, frame_elems=FRAME, **kw):
-        c = PSClient([server.endpoint], w, settings=ClientSettings(frame_elems=frame_elems, **kw)).start()
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.close()
+def make_client(ps_clients):
+    return ps_clients
 
 
 def plan_of(n=N, frame=FRAME):

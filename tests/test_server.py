@@ -1,44 +1,24 @@
 """One server in this process on 127.0.0.1 (real sockets), driven by PSClient."""
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from common.config import ClientSettings, ServerSettings
-from common.errors import DeadlineExceeded, ErrorCode, RemoteError, StalenessTimeoutError
+from common.errors import StalenessTimeoutError
 from common.plan import PartitionPlan
 from common.protocol import MsgType
 from ps.server import ShardServer
-from worker.client import PSClient
 from worker.session import PSWorker
 
 
 @pytest.fixture
-def make_server():
-    made = []
-
-    def make(**kw):
-        s = ShardServer(ServerSettings(**{"num_servers": 1, "num_workers": 1, "staleness": 1, **kw}))
-        s.run_in_background()
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        assert s.shutdown(5)
+def make_server(shard_servers):
+    return lambda **kw: shard_servers(**{"num_workers": 1, "staleness": 1, **kw})
 
 
 @pytest.fixture
-def make_client():
-    made = []
-
-    def make(server, w=0, frame_elems=64, **kw):
-        c = PSClient([server.endpoint], w, settings=ClientSettings(frame_elems=frame_elems, **kw)).start()
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.close()
+def make_client(ps_clients):
+    return ps_clients
 
 
 def plan_of(n, frame=64):
@@ -137,7 +117,7 @@ def test_worker_session_records_staleness_and_serves_reads_from_its_cache(make_s
     try:
         pulls_before = srv.snapshot_stats()["pulls"]
         for _ in range(8):
-            rec = pw.read()
+            pw.read()
             pw.zero_grad()
             model(torch.randn(4, 8)).sum().backward()
             pw.push()

@@ -42,7 +42,7 @@ import zmq
 
 from common import protocol as proto
 from common.config import ClientSettings
-from common.errors import ClosedError, DeadlineExceeded, ErrorCode, ProtocolError, ZPSError, remote_error
+from common.errors import ClosedError, DeadlineExceeded, ErrorCode, ProtocolError, remote_error
 from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
 from common.protocol import Message, MsgType
