@@ -251,6 +251,8 @@ class PSClient:
                 except zmq.ZMQError:
                     pass
             self._kick.set()
+            if self._io_closed:  # the client closed meanwhile: nobody will take it any more
+                self._fail_handed()
         return (fut, tracker) if track else fut
 
     def _data_frames(self, arr: np.ndarray, lo: int, hi: int, frame_elems: int) -> list:
@@ -546,13 +548,7 @@ class PSClient:
                 req.future.set_exception(ClosedError(
                     f"client closed before {req.mtype.name} to server {req.server} was answered"))
             self._pending.clear()
-            while True:
-                try:
-                    req = self._cmds.get_nowait()
-                except queue.Empty:
-                    break
-                req.release()
-                req.future.set_exception(ClosedError("client closed"))
+            self._fail_handed()
             for sock in self._socks:
                 sock.close()
             self._bell_rx.close(linger=0)
@@ -561,6 +557,16 @@ class PSClient:
         finally:
             if held:
                 self._io.release()
+
+    def _fail_handed(self) -> None:
+        """Fail the requests still waiting to be handed over (the client is closed)."""
+        while True:
+            try:
+                req = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            req.release()
+            req.future.set_exception(ClosedError("client closed"))
 
     def _on_reply(self, k: int, frames: list) -> None:
         self.stats["bytes_received"] += sum(len(f) for f in frames)
