@@ -141,6 +141,7 @@ def test_a_fenced_worker_rejoins_at_the_current_min_clock(make_server):
         for _ in range(3):
             pw.read(); pw.zero_grad(); model(torch.randn(2, 4)).sum().backward(); pw.push()
         pw.flush(10)
+        pw.fetch_weights(10)   # lands the pull prefetched after the last push: nothing is in flight
         clock["now"] = 100.0              # the server has not heard from the worker for 100 s
         deadline = __import__("time").monotonic() + 10
         while 0 not in srv.snapshot_stats()["dead_workers"]:   # the server notices on its next wake-up
