@@ -75,6 +75,36 @@ def make_dealer(ctx: zmq.Context, endpoint: str, transport: TransportSettings | 
     return sock
 
 
+#: Flags as plain ints: zmq's are enum members, slow to combine on every frame.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+def send_now(sock: zmq.Socket, frames: list) -> None:
+    """Queue one multipart message without blocking (zero-copy where pyzmq copies nothing).
+
+    What ``send_multipart(frames, NOBLOCK, copy=False)`` does, without its
+    per-frame enum arithmetic and type checks (2-3 µs a message).  Raises
+    ``zmq.Again`` when the peer's queue is full.
+    """
+    for f in frames[:-1]:
+        sock.send(f, _NOBLOCK_MORE, copy=False)
+    sock.send(frames[-1], _NOBLOCK, copy=False)
+
+
+def recv_now(sock: zmq.Socket) -> list:
+    """The frames of the message queued on ``sock`` (one must be), not copied.
+
+    What ``recv_multipart(NOBLOCK, copy=False)`` does, asking each frame
+    rather than the socket (a ``getsockopt(RCVMORE)`` a frame) whether more
+    follow.
+    """
+    frames = [sock.recv(_NOBLOCK, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(_NOBLOCK, copy=False))
+    return frames
+
+
 def _zmq_bind_form(endpoint: str) -> str:
     """ZeroMQ writes the wildcard as ``*``; accept ``0.0.0.0`` too."""
     return endpoint.replace("://0.0.0.0:", "://*:")

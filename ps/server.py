@@ -45,7 +45,7 @@ from ps.rules import ApplyOnArrival, DelayCompensation, PushLedger, SyncAveragin
 from ps.shard import ShardStore
 from ps.ssp import SSPGate
 from common.security import Authenticator, CurveKeys
-from common.transport import bound_endpoint, make_router
+from common.transport import bound_endpoint, make_router, recv_now, send_now
 
 log = logging.getLogger("zps.server")
 
@@ -60,8 +60,6 @@ PARALLEL_MIN_ELEMS = 4 << 20
 #: ... in pieces of this many elements (rounded to whole chunks).
 PIECE_ELEMS = 2 << 20
 #: Send and receive flags as plain ints (zmq's are enum members, slow to combine).
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 #: A pushed frame of at most this many elements is checked for NaN and infinity by numpy
 #: (less overhead per call), a longer one by torch's sum (faster per element).
 FINITE_BY_NUMPY_MAX_ELEMS = 1 << 15
@@ -314,7 +312,7 @@ class ShardServer:
                     # late message is handled
                     self._advance_time()
                     for _ in range(BATCH):
-                        self._handle(self._recv())
+                        self._handle(recv_now(self.sock))
                         if self._stopping:
                             break
                         if not queued.poll(0):
@@ -396,25 +394,9 @@ class ShardServer:
             log.exception("server %d: internal error handling %s", self.settings.rank, msg.type.name)
             self._error(ident, msg.rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def _recv(self) -> list:
-        """The frames of the next queued message (one is queued), not copied.
-
-        What ``recv_multipart`` does, asking each frame rather than the socket
-        (a ``getsockopt(RCVMORE)`` per frame) whether more follow: 1-2 µs less.
-        """
-        frames = [self.sock.recv(_NOBLOCK, copy=False)]
-        while frames[-1].more:
-            frames.append(self.sock.recv(_NOBLOCK, copy=False))
-        return frames
-
     def _send(self, ident: bytes, frames: list) -> bool:
         try:
-            # what send_multipart does, with int flags: its per-frame enum arithmetic
-            # and type checks cost 2-3 µs per reply
-            self.sock.send(ident, _NOBLOCK_MORE, copy=False)
-            for f in frames[:-1]:
-                self.sock.send(f, _NOBLOCK_MORE, copy=False)
-            self.sock.send(frames[-1], _NOBLOCK, copy=False)
+            send_now(self.sock, [ident, *frames])
         except zmq.Again:
             self.stats["send_blocked"] += 1
             log.warning("server %d: reply dropped, the peer's queue is full (raise sndhwm)",
@@ -642,7 +624,7 @@ class ShardServer:
             raise ProtocolError(f"push {seq} of worker {w} was refused: a segment held NaN or "
                                 "infinity; not applied", ErrorCode.NONFINITE)
         arrays = _writable_views(msg)
-        if not _finite(arrays):
+        if not all_finite(arrays):
             self.stats["nonfinite"] += 1
             text = f"gradient from worker {w} at clock {clk} holds NaN or infinity; not applied"
             if segs > 1:
@@ -869,7 +851,7 @@ class ShardServer:
         return s
 
 
-def _finite(arrays: list[np.ndarray]) -> bool:
+def all_finite(arrays: list[np.ndarray]) -> bool:
     """Whether every element is finite.
 
     A short frame is checked element by element (numpy: the least overhead per

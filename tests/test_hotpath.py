@@ -26,8 +26,9 @@ from common.config import ServerSettings, TransportSettings
 from common.errors import ErrorCode, ProtocolError
 from common.plan import PartitionPlan
 from common.protocol import MsgType
+from common.transport import recv_now
 from ps.rules import PushLedger
-from ps.server import FINITE_BY_NUMPY_MAX_ELEMS, ShardServer, _finite
+from ps.server import FINITE_BY_NUMPY_MAX_ELEMS, ShardServer, all_finite
 from ps.ssp import SSPGate
 
 N = 200          # elements of the one-server plan below: frames of 64, 64, 64, 8
@@ -202,25 +203,25 @@ SIZES = [1, 1024, FINITE_BY_NUMPY_MAX_ELEMS, FINITE_BY_NUMPY_MAX_ELEMS + 64]
 def test_a_frame_with_one_nonfinite_element_is_not_finite(size, bad, where):
     a = np.full(size, 1e-3, dtype=np.float32)
     a[{"first": 0, "middle": size // 2, "last": size - 1}[where]] = bad
-    assert _finite([np.ones(8, dtype=np.float32), a]) is False
+    assert all_finite([np.ones(8, dtype=np.float32), a]) is False
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_finite_frames_whose_sum_overflows_are_still_finite(size):
     big = np.full(size, 3e38, dtype=np.float32)      # a sum of two or more overflows
     alternating = np.where(np.arange(size) % 2, -3e38, 3e38).astype(np.float32)
-    assert _finite([big, alternating, np.zeros(size, dtype=np.float32)]) is True
+    assert all_finite([big, alternating, np.zeros(size, dtype=np.float32)]) is True
 
 
 @pytest.mark.parametrize("size", SIZES[1:])
 def test_plus_and_minus_infinity_that_cancel_in_a_sum_are_not_finite(size):
     a = np.zeros(size, dtype=np.float32)
     a[0], a[-1] = math.inf, -math.inf
-    assert _finite([a]) is False
+    assert all_finite([a]) is False
 
 
 def test_no_frames_are_finite():
-    assert _finite([]) is True
+    assert all_finite([]) is True
 
 
 # ---------------------------------------------------------------- decoder fast path
@@ -488,7 +489,7 @@ def _peer(zctx, srv, **opts) -> tuple[zmq.Socket, bytes]:
     d.connect(srv.endpoint)
     d.send_multipart([b"a", b"bb", b""])
     assert srv.sock.poll(int(REPLY_TIMEOUT * 1000))
-    frames = srv._recv()
+    frames = recv_now(srv.sock)
     assert [f.bytes for f in frames[1:]] == [b"a", b"bb", b""]
     return d, frames[0].bytes
 
@@ -499,9 +500,9 @@ def test_recv_returns_every_frame_of_the_next_message_and_no_more(zctx, idle_ser
     d.send_multipart([b"one"])
     d.send_multipart([b"two", b"three"])
     assert srv.sock.poll(int(REPLY_TIMEOUT * 1000))
-    assert [f.bytes for f in srv._recv()] == [ident, b"one"]
+    assert [f.bytes for f in recv_now(srv.sock)] == [ident, b"one"]
     assert srv.sock.poll(int(REPLY_TIMEOUT * 1000))
-    assert [f.bytes for f in srv._recv()] == [ident, b"two", b"three"]
+    assert [f.bytes for f in recv_now(srv.sock)] == [ident, b"two", b"three"]
     d.close()
 
 

@@ -47,14 +47,11 @@ from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
 from common.protocol import Message, MsgType
 from common.security import CurveKeys
-from common.transport import make_dealer
+from common.transport import make_dealer, recv_now, send_now
 
 log = logging.getLogger("zps.client")
 
 _ZERO_COPY_MIN_BYTES = 1 << 16
-#: Send flags as plain ints (zmq's are enum members, slow to combine).
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 def _wait_all(futures: Sequence[cf.Future], timeout: float | None, what: str) -> list:
@@ -393,10 +390,7 @@ class PSClient:
         sock, frames = self._socks[req.server], req.frames
         for _ in range(copies):
             try:
-                # what send_multipart does, with int flags (its enum arithmetic costs µs)
-                for f in frames[:-1]:
-                    sock.send(f, _NOBLOCK_MORE, copy=False)
-                sock.send(frames[-1], _NOBLOCK, copy=False)
+                send_now(sock, frames)
             except zmq.Again:
                 self.stats["send_blocked"] += 1
         self.stats["bytes_sent"] += req.nbytes * copies
@@ -438,10 +432,7 @@ class PSClient:
                 continue
             queued = self._queued[k]
             while True:  # one message is in; more while the one-socket poll says so
-                frames = [sock.recv(_NOBLOCK, copy=False)]
-                while frames[-1].more:
-                    frames.append(sock.recv(_NOBLOCK, copy=False))
-                self._on_reply(k, frames)
+                self._on_reply(k, recv_now(sock))
                 handled += 1
                 if not queued.poll(0):
                     break
