@@ -885,6 +885,7 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
     import torch
     from common.plan import DEFAULT_FRAME_ELEMS, frame_slices
     from ps.optim import OptimizerSpec, ShardOptimizer
+    from ps.server import all_finite
     o = b.opts
     usizes = [n for n in sizes if n <= 16 * MI] or [min(sizes)]
     default_threads = torch.get_num_threads()
@@ -898,7 +899,7 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
                  "torch.optim.Adam on one flat parameter. Traffic counts reads + writes: copy 8 B, "
                  "SGD-momentum 20 B (read w, g, buf; write w, buf), Adam 28 B (read w, g, m, v; write w, m, v). "
                  "Diagnostics of the bulk push path: sgd_plain = the plain SGD step a push applies (12 B), "
-                 "finite_check = the server's per-frame float(g.sum()) NaN/inf test (4 B)."})
+                 "finite_check = the server's NaN/inf test of a push's frames, ps.server.all_finite (4 B)."})
     thread_counts = [default_threads] + ([1] if default_threads != 1 else [])
     try:
         for threads in thread_counts:
@@ -908,6 +909,7 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
                 src = torch.full((n,), 1e-3)
                 dst = torch.empty(n)
                 chunks = [src[a:b] for a, b in frame_slices(n, DEFAULT_FRAME_ELEMS)]
+                arrays = [c.numpy() for c in chunks]
                 sgd = ShardOptimizer(torch.zeros(n), OptimizerSpec("sgd", LR, momentum=0.9), DEFAULT_FRAME_ELEMS)
                 plain = ShardOptimizer(torch.zeros(n), OptimizerSpec("sgd", LR), DEFAULT_FRAME_ELEMS)
                 adam = ShardOptimizer(torch.zeros(n), OptimizerSpec("adam", 1e-3), DEFAULT_FRAME_ELEMS)
@@ -919,8 +921,7 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
                          "adam": local(lambda: adam.step(chunks), n, "elements/s"),
                          "adam_torch_flat": local(raw.step, n, "elements/s"),
                          "sgd_plain": local(lambda: plain.step(chunks), n, "elements/s"),
-                         "finite_check": local(lambda: math.isfinite(sum(float(g.sum()) for g in chunks)),
-                                               n, "elements/s")}
+                         "finite_check": local(lambda: all_finite(arrays), n, "elements/s")}
                 figs = interleaved(cands, o.reps, o.warmup, o.min_rep_s)
                 for name, f in figs.items():
                     f["traffic_GBps"] = f["median"] * TRAFFIC[name] / 1e9
