@@ -511,8 +511,7 @@ class ShardServer:
         log.info("server %d adopted %s; holds %d elements", self.settings.rank, plan.describe(), n)
 
     def _apply_step(self, grads, lr_scale: float) -> None:
-        n = self.store.n
-        if n >= PARALLEL_MIN_ELEMS and self._pool.threads > 1:
+        if self.store.n >= PARALLEL_MIN_ELEMS and self._pool.threads > 1:
             per = max(1, PIECE_ELEMS // self.plan.frame_elems)
             pieces = -(-len(grads) // per)
 
