@@ -6,7 +6,9 @@ the server's finite check, the decoder's type lookup and per-key fast path.
 Real sockets on 127.0.0.1 and an injected clock for the server loop: a
 parked read is released as soon as ``min_clock`` advances (or the weights
 arrive), a silent worker is declared dead on time, a parked read expires at
-its deadline; replies are sent whole or not at all.
+its deadline; replies are sent whole or not at all.  Replies held while
+more requests are queued leave in order, a few at a time, and before
+anything long (a long request or reply, a checkpoint, a large update).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 
 import msgpack
 import numpy as np
+import torch
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -528,3 +531,132 @@ def test_replies_to_a_peer_that_does_not_read_are_dropped_whole_and_counted(zctx
     assert got == [[b"head-%d" % i, data, b"y"] for i in range(sent)]
     assert d.poll(100) == 0        # and nothing of the refused reply follows
     d.close()
+
+
+# ---------------------------------------------------------------- the outbox: replies sent together
+def _queued_server(zctx, name: str, **kw) -> ShardServer:
+    """A server on an inproc endpoint of ``zctx``, its loop not started: a request sent to it
+    is in its queue when ``send`` returns, so the test knows what one wake-up finds."""
+    return ShardServer(ServerSettings(num_servers=1, num_workers=1, staleness=1,
+                                      bind=f"inproc://zps-test-{name}-{id(zctx)}", **kw), ctx=zctx)
+
+
+def _echo(d: zmq.Socket, rid: int, elems: int) -> None:
+    d.send_multipart(proto.encode(MsgType.ECHO, {"rid": rid, "n": elems},
+                                  [np.full(elems, rid, dtype=np.float32).tobytes()]))
+
+
+def _replies(d: zmq.Socket, count: int) -> list[proto.Message]:
+    out = []
+    while len(out) < count:
+        assert d.poll(int(REPLY_TIMEOUT * 1000)), f"{count - len(out)} of {count} replies missing"
+        out.append(proto.decode(d.recv_multipart()))
+    return out
+
+
+def test_replies_to_queued_requests_leave_in_order_a_few_at_a_time(zctx):
+    from ps.server import REPLY_BATCH
+    srv = _queued_server(zctx, "order")
+    d = zctx.socket(zmq.DEALER)
+    d.connect(srv.endpoint)
+    count = 13
+    for rid in range(1, count + 1):
+        _echo(d, rid, 4)
+    srv.run_in_background()
+    try:
+        replies = _replies(d, count)
+        assert [r.rid for r in replies] == list(range(1, count + 1))
+        assert [bytes(r.frames[0]) for r in replies] == \
+            [np.full(4, rid, dtype=np.float32).tobytes() for rid in range(1, count + 1)]
+        # one wake-up found them all: they left REPLY_BATCH at a time, the rest together at the end
+        full, rest = divmod(count, REPLY_BATCH)
+        together = full * (REPLY_BATCH - 1) + max(rest - 1, 0)
+        assert srv.stats["replies_coalesced"] == together
+        # the queue is empty now: a lone request is answered at once, sharing nothing
+        _echo(d, 99, 4)
+        assert [r.rid for r in _replies(d, 1)] == [99]
+        assert srv.stats["replies_coalesced"] == together
+    finally:
+        assert srv.shutdown(5)
+        d.close(linger=0)
+
+
+def test_a_long_request_and_a_long_reply_let_the_held_replies_go_first(zctx, monkeypatch):
+    from ps.server import REPLY_DEFER_BYTES
+    srv = _queued_server(zctx, "long")
+    d = zctx.socket(zmq.DEALER)
+    d.connect(srv.endpoint)
+    big = REPLY_DEFER_BYTES // 4 + 1       # an echo of this many elements is long both ways
+    held_at_long = []
+    echo = ShardServer._handlers[MsgType.ECHO]
+
+    def watching_echo(self, ident, msg):
+        if msg["n"] == big:
+            held_at_long.append(len(self._outbox))
+        echo(self, ident, msg)
+    monkeypatch.setitem(ShardServer._handlers, MsgType.ECHO, watching_echo)
+    for rid, elems in ((1, 4), (2, 4), (3, big), (4, 4), (5, 4)):
+        _echo(d, rid, elems)
+    srv.run_in_background()
+    try:
+        replies = _replies(d, 5)
+        assert [r.rid for r in replies] == [1, 2, 3, 4, 5]
+        assert replies[2]["n"] == big and len(replies[2].frames[0]) == 4 * big
+        assert held_at_long == [0]          # 1 and 2 had left before the long request was handled
+        assert srv.stats["replies_coalesced"] == 2     # 1 with 2, and 4 with 5 at the end
+    finally:
+        assert srv.shutdown(5)
+        d.close(linger=0)
+
+
+def test_held_replies_leave_before_a_checkpoint_is_written(zctx, idle_server, tmp_path, monkeypatch):
+    import ps.checkpoint as ckpt
+    srv = idle_server(checkpoint_dir=str(tmp_path))
+    w0 = RawWorker(zctx, srv.endpoint, 0)
+    try:
+        for msg_type, header, frames in (
+                (MsgType.HELLO, {"w": 0, "inc": w0.inc, "plan": PLAN.to_wire(), "ph": PLAN.hash}, ()),
+                (MsgType.INIT, {"w": 0, "inc": w0.inc, "ph": PLAN.hash, "n": N},
+                 _frames(np.zeros(N, dtype=np.float32)))):
+            w0.send(msg_type, header, frames)
+            assert srv.sock.poll(int(REPLY_TIMEOUT * 1000))
+            srv._handle(recv_now(srv.sock))
+            assert w0.recv().type is not MsgType.ERROR
+        srv._outbox = []
+        rid = w0.send(MsgType.HEARTBEAT, {"w": 0, "inc": w0.inc})
+        assert srv.sock.poll(int(REPLY_TIMEOUT * 1000))
+        srv._handle(recv_now(srv.sock))
+        assert len(srv._outbox) == 1                       # answered, held
+        seen = []
+        write = ckpt.write
+
+        def watching_write(*args, **kwargs):
+            seen.append(w0.recv())                         # the held reply is out already
+            return write(*args, **kwargs)
+        monkeypatch.setattr(ckpt, "write", watching_write)
+        assert srv.checkpoint("test")
+        assert seen[0] is not None and seen[0].rid == rid and seen[0].type is MsgType.HEARTBEAT_OK
+    finally:
+        srv._outbox = None
+        w0.close()
+
+
+def test_held_replies_leave_before_a_long_update(idle_server, zctx):
+    from ps.server import FLUSH_BEFORE_STEP_ELEMS
+    srv = idle_server()
+    n = FLUSH_BEFORE_STEP_ELEMS
+    plan = PartitionPlan.build([("w", (n,), "float32")], 1)
+    srv._adopt(plan)
+    srv.store.initialized = True
+    d, ident = _peer(zctx, srv)
+    try:
+        srv._outbox = [(ident, proto.encode(MsgType.ECHO_OK, {"rid": 7, "n": 0, "time": 0.0}), 32)]
+        at_step = []
+        step = srv.optimizer.step
+        srv.optimizer.step = lambda *a, **k: (at_step.append(list(srv._outbox)), step(*a, **k))
+        srv._apply_step([torch.zeros(b - a) for a, b in plan.frames_of(0)], 1.0)
+        assert at_step == [[]]                             # sent before the update began
+        assert d.poll(int(REPLY_TIMEOUT * 1000)) and proto.decode(d.recv_multipart()).rid == 7
+    finally:
+        srv._outbox = None
+        d.close()
