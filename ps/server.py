@@ -323,19 +323,23 @@ class ShardServer:
                     self._advance_time()
                     self._outbox = []
                     try:
-                        for _ in range(BATCH):
-                            frames = recv_now(self.sock)
+                        frames, handled = recv_now(self.sock), 0
+                        while True:
+                            more = queued.poll(0)   # another request behind this one?
+                            if not more:
+                                self._drained_at = self._clock()
+                                if not self._outbox:
+                                    self._outbox = None     # a lone request: answered at once
                             size = sum(map(len, frames))
                             if self._outbox and size > REPLY_DEFER_BYTES:
                                 self._flush()   # a long request: what is answered goes first
                             self._handle(frames, size)
-                            if self._stopping:
-                                break
-                            if not queued.poll(0):
-                                self._drained_at = self._clock()
+                            handled += 1
+                            if self._stopping or not more or handled >= BATCH:
                                 break
                             if len(self._outbox) >= REPLY_BATCH:
                                 self._flush()
+                            frames = recv_now(self.sock)
                     finally:
                         self._flush()
                         self._outbox = None
