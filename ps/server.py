@@ -61,8 +61,8 @@ PARALLEL_MIN_ELEMS = 4 << 20
 PIECE_ELEMS = 2 << 20
 #: While more requests are queued, replies of at most REPLY_DEFER_BYTES wait in an
 #: outbox and go out together, at most REPLY_BATCH at a time: sending to a
-#: socket whose I/O thread has gone idle wakes it, which costs 15-20 µs on a
-#: virtual machine; replies sent back to back share that one wake-up.
+#: socket whose I/O thread has gone idle wakes it, which costs 14-18 µs on a
+#: virtual machine (docs/BENCHMARKS.md, finding 11); replies sent back to back share that one wake-up.
 REPLY_BATCH = 4
 REPLY_DEFER_BYTES = 60 << 10
 #: Before an update of at least this many elements (BSP applies one on a short CLOCK
@@ -421,7 +421,11 @@ class ShardServer:
             self._error(ident, msg.rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _send(self, ident: bytes, frames: list) -> bool:
-        """Send (or, inside a batch, queue) one reply; False if it was dropped."""
+        """Send (or, inside a batch, hold) one reply; False if it was dropped.
+
+        A held reply that cannot be queued when the outbox is sent is dropped
+        and counted (``send_blocked``, ``unroutable``) just the same.
+        """
         nbytes = sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes for f in frames)
         if self._outbox is not None:
             if nbytes <= REPLY_DEFER_BYTES:
