@@ -62,7 +62,8 @@ PIECE_ELEMS = 2 << 20
 #: While more requests are queued, replies of at most REPLY_DEFER_BYTES wait in an
 #: outbox and go out together, at most REPLY_BATCH at a time: sending to a
 #: socket whose I/O thread has gone idle wakes it, which costs 14-18 µs on a
-#: virtual machine (docs/BENCHMARKS.md, finding 11); replies sent back to back share that one wake-up.
+#: virtual machine (docs/BENCHMARKS.md, finding 11); replies sent back to back
+#: share that one wake-up.
 REPLY_BATCH = 4
 REPLY_DEFER_BYTES = 60 << 10
 #: Before an update of at least this many elements (BSP applies one on a short CLOCK
