@@ -541,51 +541,46 @@ def _queued_server(zctx, name: str, **kw) -> ShardServer:
                                       bind=f"inproc://zps-test-{name}-{id(zctx)}", **kw), ctx=zctx)
 
 
-def _echo(d: zmq.Socket, rid: int, elems: int) -> None:
-    d.send_multipart(proto.encode(MsgType.ECHO, {"rid": rid, "n": elems},
-                                  [np.full(elems, rid, dtype=np.float32).tobytes()]))
+def _echo(w: RawWorker, elems: int, fill: float = 0.0) -> int:
+    """Send an ECHO of ``elems`` elements equal to ``fill``; return its request id."""
+    return w.send(MsgType.ECHO, {"n": elems}, [np.full(elems, fill, dtype=np.float32).tobytes()])
 
 
-def _replies(d: zmq.Socket, count: int) -> list[proto.Message]:
-    out = []
-    while len(out) < count:
-        assert d.poll(int(REPLY_TIMEOUT * 1000)), f"{count - len(out)} of {count} replies missing"
-        out.append(proto.decode(d.recv_multipart()))
-    return out
+def _replies(w: RawWorker, count: int) -> list[proto.Message]:
+    replies = [w.recv() for _ in range(count)]
+    assert None not in replies, f"{replies.count(None)} of {count} replies missing"
+    return replies
 
 
 def test_replies_to_queued_requests_leave_in_order_a_few_at_a_time(zctx):
     from ps.server import REPLY_BATCH
     srv = _queued_server(zctx, "order")
-    d = zctx.socket(zmq.DEALER)
-    d.connect(srv.endpoint)
+    w = RawWorker(zctx, srv.endpoint, 0)
     count = 13
-    for rid in range(1, count + 1):
-        _echo(d, rid, 4)
+    rids = [_echo(w, 4, i) for i in range(count)]
     srv.run_in_background()
     try:
-        replies = _replies(d, count)
-        assert [r.rid for r in replies] == list(range(1, count + 1))
+        replies = _replies(w, count)
+        assert [r.rid for r in replies] == rids
         assert [bytes(r.frames[0]) for r in replies] == \
-            [np.full(4, rid, dtype=np.float32).tobytes() for rid in range(1, count + 1)]
+            [np.full(4, i, dtype=np.float32).tobytes() for i in range(count)]
         # one wake-up found them all: they left REPLY_BATCH at a time, the rest together at the end
         full, rest = divmod(count, REPLY_BATCH)
         together = full * (REPLY_BATCH - 1) + max(rest - 1, 0)
         assert srv.stats["replies_coalesced"] == together
         # the queue is empty now: a lone request is answered at once, sharing nothing
-        _echo(d, 99, 4)
-        assert [r.rid for r in _replies(d, 1)] == [99]
+        rid = _echo(w, 4)
+        assert [r.rid for r in _replies(w, 1)] == [rid]
         assert srv.stats["replies_coalesced"] == together
     finally:
         assert srv.shutdown(5)
-        d.close(linger=0)
+        w.close()
 
 
 def test_a_long_request_and_a_long_reply_let_the_held_replies_go_first(zctx, monkeypatch):
     from ps.server import REPLY_DEFER_BYTES
     srv = _queued_server(zctx, "long")
-    d = zctx.socket(zmq.DEALER)
-    d.connect(srv.endpoint)
+    w = RawWorker(zctx, srv.endpoint, 0)
     big = REPLY_DEFER_BYTES // 4 + 1       # an echo of this many elements is long both ways
     held_at_long = []
     echo = ShardServer._handlers[MsgType.ECHO]
@@ -595,18 +590,17 @@ def test_a_long_request_and_a_long_reply_let_the_held_replies_go_first(zctx, mon
             held_at_long.append(len(self._outbox))
         echo(self, ident, msg)
     monkeypatch.setitem(ShardServer._handlers, MsgType.ECHO, watching_echo)
-    for rid, elems in ((1, 4), (2, 4), (3, big), (4, 4), (5, 4)):
-        _echo(d, rid, elems)
+    rids = [_echo(w, elems) for elems in (4, 4, big, 4, 4)]
     srv.run_in_background()
     try:
-        replies = _replies(d, 5)
-        assert [r.rid for r in replies] == [1, 2, 3, 4, 5]
+        replies = _replies(w, 5)
+        assert [r.rid for r in replies] == rids
         assert replies[2]["n"] == big and len(replies[2].frames[0]) == 4 * big
         assert held_at_long == [0]          # 1 and 2 had left before the long request was handled
         assert srv.stats["replies_coalesced"] == 2     # 1 with 2, and 4 with 5 at the end
     finally:
         assert srv.shutdown(5)
-        d.close(linger=0)
+        w.close()
 
 
 def test_held_replies_leave_before_a_checkpoint_is_written(zctx, idle_server, tmp_path, monkeypatch):

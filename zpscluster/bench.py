@@ -1178,7 +1178,9 @@ def compute_ratios(res: dict) -> dict:
     small = res.get("small")
     if small and small["figures"]:
         f = small["figures"]
-        for cand, base, name in (("zps_s1", "bare", "vs_bare"), ("zps_s1", "rpc", "vs_rpc")):
+        # bare_vs_rpc: the most any server on pyzmq could reach against rpc
+        for cand, base, name in (("zps_s1", "bare", "vs_bare"), ("zps_s1", "rpc", "vs_rpc"),
+                                 ("bare", "rpc", "bare_vs_rpc")):
             for d in (1, 8):
                 if cand not in f[f"push_d{d}"]:
                     continue
@@ -1191,10 +1193,6 @@ def compute_ratios(res: dict) -> dict:
             g = f[f"push_d{d}"]
             if "bare_sgd" in g:
                 r[f"small_push_vs_bare_sgd_depth{d}"] = _ratio(_med(g["zps_s1"]), _med(g["bare_sgd"]))
-        for d in (1, 8):   # the most any server on pyzmq could reach against rpc: bare pyzmq's own ratio
-            pr = _ratio(_med(f[f"push_d{d}"]["bare"]), _med(f[f"push_d{d}"]["rpc"]))
-            pl = _ratio(_med(f[f"pull_d{d}"]["bare"]), _med(f[f"pull_d{d}"]["rpc"]))
-            r[f"small_op_bare_vs_rpc_depth{d}"] = min(pr, pl) if pr and pl else None
         r["small_op_vs_rpc"] = r.get("small_op_vs_rpc_depth1")
         r["small_exchange_vs_allreduce"] = _ratio(_med(f["exchange_d1"]["zps_s1"]),
                                                   _med(f["exchange_d1"]["gloo_all_reduce"]))
