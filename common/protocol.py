@@ -246,7 +246,8 @@ def error_frames(rid: int, code: ErrorCode, message: str, detail: dict | None = 
 
 
 # ----------------------------------------------------------------- decode
-def _buf_len(frame) -> int:
+def frame_bytes(frame) -> int:
+    """Bytes in one frame: bytes, bytearray, ``zmq.Frame`` or anything with a buffer."""
     if isinstance(frame, (bytes, bytearray)):
         return len(frame)
     buf = getattr(frame, "buffer", None)  # zmq.Frame
@@ -275,7 +276,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError("empty message")
     if len(frames) > limits.max_frames + 1:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.max_frames + 1}")
-    hlen = _buf_len(frames[0])
+    hlen = frame_bytes(frames[0])
     if hlen > limits.max_header_bytes:
         raise ProtocolError(f"header of {hlen} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
@@ -322,7 +323,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         n = head["n"]
         total = 0
         for i, f in enumerate(data):
-            size = _buf_len(f)
+            size = frame_bytes(f)
             if size > limits.max_frame_bytes:
                 raise ProtocolError(f"data frame {i} of {size} bytes exceeds the limit of {limits.max_frame_bytes}")
             if size % ELEM_BYTES:
@@ -378,8 +379,8 @@ def check_layout(msg: Message, n_expected: int, frame_elems: int, off: int = 0) 
                             f"{n_expected} elements into {want}")
     for i, f in enumerate(msg.frames):
         expect = min(frame_elems, n_expected - i * frame_elems) * ELEM_BYTES
-        if _buf_len(f) != expect:
-            raise ProtocolError(f"data frame {i} holds {_buf_len(f)} bytes; the plan says {expect}")
+        if frame_bytes(f) != expect:
+            raise ProtocolError(f"data frame {i} holds {frame_bytes(f)} bytes; the plan says {expect}")
 
 
 def payload(msg: Message) -> list[np.ndarray]:

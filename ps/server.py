@@ -427,7 +427,7 @@ class ShardServer:
         A held reply that cannot be queued when the outbox is sent is dropped
         and counted (``send_blocked``, ``unroutable``) just the same.
         """
-        nbytes = sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes for f in frames)
+        nbytes = sum(map(proto.frame_bytes, frames))
         if self._outbox is not None:
             if nbytes <= REPLY_DEFER_BYTES:
                 self._outbox.append((ident, frames, nbytes))
