@@ -231,6 +231,9 @@ class ServerSettings:
     apply_threads: int = setting(2, "threads that share one large update (>= 16 MiB of a shard): the event "
                                     "loop and apply_threads - 1 helpers taking 8 MiB pieces in turn "
                                     "(a busy core never holds the update up: the loop takes what is left)")
+    spin_us: float = setting(200.0, "microseconds the event loop polls for the next request before it "
+                                    "sleeps, while requests come one at a time and often (0: never); "
+                                    "a server thread inside another program never does")
     curve_keys: str = setting("", CURVE_HELP)
     transport: TransportSettings = dataclasses.field(default_factory=TransportSettings)
 
@@ -242,6 +245,9 @@ class ServerSettings:
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("checkpoint_keep", self.checkpoint_keep)
         _positive("apply_threads", self.apply_threads)
+        _positive("spin_us", self.spin_us, allow_zero=True)
+        if self.spin_us > 100_000:
+            raise ConfigError(f"spin_us must be at most 100000 (0.1 s of busy polling), got {self.spin_us!r}")
         _positive("num_servers", self.num_servers)
         _positive("num_workers", self.num_workers)
         limit = 1 << 16 if self.coordinator else self.num_servers  # the coordinator sets the count

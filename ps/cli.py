@@ -106,7 +106,7 @@ def server_main(argv: list[str] | None = None) -> int:
             sock.close(linger=0)
             return fail(str(exc), 1)
         stop = on_stop_signal(lambda signum: server.request_stop())
-        server.run_in_background()
+        server.run_in_background(spin=True)   # this thread only waits for it
         if link is not None:
             link.start_heartbeats(settings.worker_timeout / 4 if settings.worker_timeout < 4 else 1.0,
                                   lambda state, dead: server.request_stop() if state in ("done", "stopped") else None)

@@ -6,6 +6,9 @@ and answered with its reply or a typed ERROR.  A bad message changes no
 state.  Reads that do not yet satisfy the staleness bound are parked in the
 ``SSPGate`` (no thread blocks) and answered the moment ``min_clock``
 advances, or expire at their deadline with the workers that hold them back.
+While more requests are queued, short replies leave a few at a time; while
+requests come one at a time and often, the loop polls for the next one a
+little while before it sleeps (``SpinPolicy``, bin/ps-server only).
 
 Lifecycle (as every long-lived zps component)::
 
@@ -69,9 +72,43 @@ REPLY_DEFER_BYTES = 60 << 10
 #: Before an update of at least this many elements (BSP applies one on a short CLOCK
 #: message) the outbox is sent, so held replies do not wait for it.
 FLUSH_BEFORE_STEP_ELEMS = 1 << 18
+#: See SpinPolicy.
+SPIN_MAX_COMPANY = 0.1
+SPIN_DECAY = 0.95
+SPIN_GAP_FACTOR = 2.0
 #: A pushed frame of at most this many elements is checked for NaN and infinity by numpy
 #: (less overhead per call), a longer one by torch's sum (faster per element).
 FINITE_BY_NUMPY_MAX_ELEMS = 1 << 15
+
+
+class SpinPolicy:
+    """When the event loop busy-polls for the next request instead of sleeping.
+
+    Waking a thread that sleeps in poll costs tens of µs on a virtual machine,
+    and the code that runs next starts cold (docs/BENCHMARKS.md, finding 12).
+    After a wake-up, the loop polls without sleeping for up to ``seconds``, but
+    only while requests come one at a time (fewer than SPIN_MAX_COMPANY of the
+    recent wake-ups found a second request queued, an average that decays by
+    SPIN_DECAY per wake-up) and the last one came within SPIN_GAP_FACTOR x
+    ``seconds`` of the answer before it.  Requests that queue up get none (the
+    loop is busy then, and spinning would take the CPU their senders need),
+    nor do requests that come seldom (a spin would only burn the CPU).
+    """
+
+    __slots__ = ("seconds", "company", "answered_at")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.company = 1.0           # decaying share of wake-ups that found more than one request
+        self.answered_at = -math.inf
+
+    def after(self, handled: int, arrived: float, now: float) -> bool:
+        """A wake-up whose first request ``arrived`` (seconds) handled ``handled``
+        requests and ended at ``now``: whether to spin before sleeping again."""
+        self.company = self.company * SPIN_DECAY + (1 - SPIN_DECAY) * (handled > 1)
+        recent = arrived - self.answered_at < SPIN_GAP_FACTOR * self.seconds
+        self.answered_at = now
+        return self.seconds > 0 and self.company < SPIN_MAX_COMPANY and recent
 
 
 class _HeldPush:
@@ -193,12 +230,13 @@ class ShardServer:
         self._pool = _ApplyPool(settings.apply_threads, f"zps-server-{settings.rank}")
         # replies held back while more requests are queued (None: send at once)
         self._outbox: list[tuple[bytes, list, int]] | None = None
+        self._spin = SpinPolicy(settings.spin_us / 1e6)
         self.stats = {
             "requests": 0, "pushes": 0, "pulls": 0, "dup_pushes": 0, "nonfinite": 0,
             "errors": {}, "bytes_in": 0, "bytes_out": 0, "parked_total": 0,
             "expired_reads": 0, "unroutable": 0, "send_blocked": 0, "dead_workers": [],
             "update_staleness": {},
-            "segments": 0, "held_dropped": 0, "replies_coalesced": 0,
+            "segments": 0, "held_dropped": 0, "replies_coalesced": 0, "spin_caught": 0, "spin_missed": 0,
             "checkpoints": 0, "checkpoint_seconds": 0.0,
         }
         self._stopping = False
@@ -238,7 +276,15 @@ class ShardServer:
             self._restore()
 
     # ------------------------------------------------------------ lifecycle
-    def run_in_background(self) -> "ShardServer":
+    def run_in_background(self, spin: bool = False) -> "ShardServer":
+        """Serve from a new thread.
+
+        ``spin``: keep ``settings.spin_us`` of busy polling, for a process that does
+        nothing else (bin/ps-server); off by default, as the program's other threads
+        would wait for the GIL while the loop polls.
+        """
+        if not spin:
+            self._spin.seconds = 0.0
         self._thread = threading.Thread(target=self.serve, name=f"zps-server-{self.settings.rank}",
                                         daemon=True)
         self._thread.start()
@@ -306,11 +352,15 @@ class ShardServer:
         log.info("server %d serving on %s (staleness %s, %d workers)", self.settings.rank,
                  self.endpoint, self.settings.staleness, self.settings.num_workers)
         try:
+            spin = False
             while not self._stopping:
                 now = self._clock()
                 nd = self.gate.next_deadline()
                 wait = MAX_POLL_SECONDS if nd is None else min(MAX_POLL_SECONDS, max(0.0, nd - now))
-                events = dict(poller.poll(int(math.ceil(wait * 1000))))
+                events = self._spin_for(poller, min(wait, self._spin.seconds)) if spin else None
+                if not events:
+                    events = dict(poller.poll(int(math.ceil(wait * 1000))))
+                spin = False
                 if self._wake_rx in events:
                     self._wake_rx.recv(zmq.NOBLOCK)
                     self._stopping = True
@@ -323,6 +373,7 @@ class ShardServer:
                     # late message is handled
                     self._advance_time()
                     self._outbox = []
+                    arrived = time.monotonic()
                     try:
                         frames, handled = recv_now(self.sock), 0
                         while True:
@@ -344,6 +395,7 @@ class ShardServer:
                     finally:
                         self._flush()
                         self._outbox = None
+                    spin = self._spin.after(handled, arrived, time.monotonic())
                 self._advance_time()
                 every = self.settings.checkpoint_every_seconds
                 if every and self._clock() - self._last_ckpt_time >= every and \
@@ -359,6 +411,18 @@ class ShardServer:
             log.info("server %d stopped", self.settings.rank)
             if self._thread is None:
                 self._close()
+
+    def _spin_for(self, poller: zmq.Poller, seconds: float) -> dict | None:
+        """Poll without sleeping for up to ``seconds``; the events, or None if none came."""
+        poll, clock = poller.poll, time.monotonic
+        end = clock() + seconds
+        while clock() < end:
+            events = poll(0)
+            if events:
+                self.stats["spin_caught"] += 1
+                return dict(events)
+        self.stats["spin_missed"] += 1
+        return None
 
     def _advance_time(self) -> None:
         released, expired, died = self.gate.poll(self._clock(), ready=self._initialized,

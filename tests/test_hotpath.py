@@ -9,6 +9,9 @@ arrive), a silent worker is declared dead on time, a parked read expires at
 its deadline; replies are sent whole or not at all.  Replies held while
 more requests are queued leave in order, a few at a time, and before
 anything long (a long request or reply, a checkpoint, a large update).
+Busy polling between lone requests: when ``SpinPolicy`` starts and stops
+(pure), and a real ``bin/ps-server`` that spins answers as one that does
+not, and still stops on SIGTERM while requests keep coming.
 """
 from __future__ import annotations
 
@@ -654,3 +657,120 @@ def test_held_replies_leave_before_a_long_update(idle_server, zctx):
     finally:
         srv._outbox = None
         d.close()
+
+
+# ---------------------------------------------------------------- busy polling between lone requests
+def _wake_ups(policy, handled: list[int], t: float = 0.0, gap: float = 50e-6,
+              busy: float = 20e-6) -> tuple[list[bool], float]:
+    """Feed ``policy`` one wake-up per entry of ``handled`` (requests found), each ``gap``
+    after the previous answer; its verdicts and the time the last one ended."""
+    verdicts = []
+    for h in handled:
+        arrived = t + gap
+        t = arrived + busy
+        verdicts.append(policy.after(h, arrived, t))
+    return verdicts, t
+
+
+def test_spinning_starts_once_requests_have_come_alone_for_a_while_and_goes_on():
+    from ps.server import SPIN_DECAY, SPIN_MAX_COMPANY, SpinPolicy
+    lone = 1
+    while SPIN_DECAY ** lone >= SPIN_MAX_COMPANY:   # the share of wake-ups with company decays from 1
+        lone += 1
+    verdicts, _ = _wake_ups(SpinPolicy(200e-6), [1] * (lone + 50))
+    assert verdicts.index(True) == lone - 1
+    assert all(verdicts[lone - 1:])
+
+
+def test_requests_that_queue_up_stop_the_spinning_and_keep_it_off():
+    from ps.server import SpinPolicy
+    p = SpinPolicy(200e-6)
+    verdicts, t = _wake_ups(p, [1] * 100)
+    assert verdicts[-1]
+    verdicts, t = _wake_ups(p, [3, 3], t)      # the loop found company twice: requests queue up
+    assert verdicts == [True, False]
+    # every other wake-up finds company: once that share has settled, no more spinning
+    verdicts, _ = _wake_ups(p, [1, 2] * 100, t)
+    assert not any(verdicts[2:])
+
+
+def test_a_request_long_after_the_last_answer_gets_no_spin():
+    from ps.server import SPIN_GAP_FACTOR, SpinPolicy
+    p = SpinPolicy(200e-6)
+    _, t = _wake_ups(p, [1] * 100)
+    late, t = _wake_ups(p, [1], t, gap=SPIN_GAP_FACTOR * 200e-6 * 1.01)
+    soon, t = _wake_ups(p, [1], t, gap=SPIN_GAP_FACTOR * 200e-6 * 0.99)
+    assert late == [False] and soon == [True]
+
+
+def test_no_spin_time_no_spinning():
+    from ps.server import SpinPolicy
+    verdicts, _ = _wake_ups(SpinPolicy(0.0), [1] * 200, gap=0.0)
+    assert not any(verdicts)
+
+
+def test_a_server_thread_in_another_program_does_not_spin_unless_asked(zctx):
+    srv = _queued_server(zctx, "nospin", spin_us=500.0)
+    try:
+        assert srv._spin.seconds == 500e-6
+        srv.run_in_background()
+        assert srv._spin.seconds == 0.0
+    finally:
+        assert srv.shutdown(5)
+
+
+def test_spin_us_is_checked():
+    from common.errors import ConfigError
+    for bad in (-1.0, 200_000.0, float("nan")):
+        with pytest.raises(ConfigError, match="spin_us"):
+            ServerSettings(spin_us=bad)
+
+
+@pytest.mark.parametrize("spin_us", [0, 5000])
+def test_a_ps_server_answers_lone_requests_alike_spinning_or_not(procs, zctx, spin_us):
+    """bin/ps-server spins between requests that come one at a time (5 ms here, so a loaded
+    machine still sends the next one in time), and does not with --spin-us 0."""
+    p = procs.server(0, 1, 1, 1, "--spin-us", str(spin_us), "--worker-timeout", "60")
+    w = RawWorker(zctx, p.endpoint, 0)
+    try:
+        w.hello()
+        w.init()
+        pushes = 150
+        steps = [w.push(seq, seq) for seq in range(pushes)]
+        assert [m.type for m in steps] == [MsgType.PUSH_OK] * pushes
+        assert [m["step"] for m in steps] == list(range(1, pushes + 1))
+        st = w.stats()
+        if spin_us:
+            assert st["spin_caught"] > 0
+        else:
+            assert st["spin_caught"] == st["spin_missed"] == 0
+    finally:
+        w.close()
+
+
+def test_a_spinning_ps_server_stops_on_sigterm_while_requests_keep_coming(procs, zctx):
+    """The spin watches the stop pipe too: a stop is seen even if a request always
+    comes before the spin (up to 0.1 s here) runs out."""
+    import signal
+    import threading
+    p = procs.server(0, 1, 1, 1, "--spin-us", "100000")
+    w, probe = RawWorker(zctx, p.endpoint, 0), RawWorker(zctx, p.endpoint, 1)
+    done = threading.Event()
+
+    def hammer():
+        while not done.is_set():
+            _echo(w, 1)
+            if w.recv(1.0) is None:   # the server is gone
+                return
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        _wait_for(lambda: probe.stats()["spin_caught"] > 20, "spinning")
+        assert t.is_alive()     # requests are still coming
+        p.signal(signal.SIGTERM)
+        p.wait(10)    # subprocess.TimeoutExpired if the loop never looked at its stop pipe
+    finally:
+        done.set()
+        t.join(5)
+        w.close()
+        probe.close()
