@@ -412,6 +412,10 @@ def _timed(op: Callable[[], Any], inner: int) -> dict:
 #   [b"P", data...]                     -> [b"k"]            push; data dropped
 #   [b"U" <u64 offset>, data...]        -> [b"k"]            push; SGD applied at byte offset
 #   [b"G" <u64 nbytes> <u64 frame>]     -> [b"d", data...]   pull nbytes in frames of `frame`
+# b"p" and b"g" are b"P" and b"G" after which the ROUTER polls without sleeping for up to
+# BARE_SPIN_S before it sleeps again: the busy polling of a ps-server (spin_us) given to bare
+# pyzmq too (small operations' bare_spin)
+BARE_SPIN_S = 200e-6
 
 def peer_router(cfg: dict) -> None:
     import numpy as np
@@ -426,10 +430,22 @@ def peer_router(cfg: dict) -> None:
     buf = np.zeros(0, dtype=np.uint8)
     weights = None
     idle_ms = int(cfg.get("idle_timeout", 1800) * 1000)
+
+    def spin() -> bool:
+        end = time.monotonic() + BARE_SPIN_S
+        while time.monotonic() < end:
+            if sock.poll(0):
+                return True
+        return False
+
+    spinning = False
     try:
-        while sock.poll(idle_ms):
+        while (spinning and spin()) or sock.poll(idle_ms):
             frames = sock.recv_multipart(copy=False)
             ident, head = frames[0], frames[1].bytes
+            spinning = head[:1] in (b"p", b"g")
+            if spinning:
+                head = head.upper()
             if head[:1] == b"P":
                 sock.send_multipart([ident, b"k"])
             elif head[:1] == b"U":
@@ -466,7 +482,8 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
 
     ``op`` "push" sends data (``data`` is a buffer of at least ``nbytes``),
     "push_sgd" too, and the ROUTER applies it as a plain SGD step; "pull"
-    asks for it.  ``multipart``: each socket's part is one message of
+    asks for it; "push_spin" and "pull_spin" are "push" and "pull" with the
+    ROUTER busy-polling between requests (BARE_SPIN_S).  ``multipart``: each socket's part is one message of
     ``chunk``-byte frames; else each chunk is one message, ``depth`` in
     flight per socket.
     """
@@ -480,13 +497,14 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
         plans.append([(lo, hi)] if multipart else [(a, min(hi, a + chunk)) for a in range(lo, hi, chunk)])
 
     def send(s, a, b):
-        if op == "push":
-            s.send_multipart([b"P", *(mv[x:min(b, x + chunk)] for x in range(a, b, chunk))], copy=False)
+        if op in ("push", "push_spin"):
+            s.send_multipart([b"P" if op == "push" else b"p", *(mv[x:min(b, x + chunk)] for x in range(a, b, chunk))],
+                             copy=False)
         elif op == "push_sgd":
             s.send_multipart([b"U" + struct.pack("<Q", a), *(mv[x:min(b, x + chunk)] for x in range(a, b, chunk))],
                              copy=False)
         else:
-            s.send(b"G" + struct.pack("<QQ", b - a, chunk))
+            s.send((b"G" if op == "pull" else b"g") + struct.pack("<QQ", b - a, chunk))
 
     copy_rx = chunk < (1 << 16)
     if n == 1:
@@ -844,7 +862,9 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
         "notes": f"each timed call makes {count} requests with at most `depth` unanswered; zps = PSClient "
                  "push (plain SGD at staleness inf) / pull futures; bare = pyzmq DEALER to a ROUTER process "
                  "(4 KiB request / 1-byte ack, 1-byte request / 4 KiB reply); bare_sgd = the same push, the "
-                 "ROUTER applying plain SGD to it; rpc = rpc_async of the "
+                 "ROUTER applying plain SGD to it; bare_spin = bare with the ROUTER polling up to "
+                 f"{BARE_SPIN_S * 1e6:.0f} us for the next request before it sleeps (what a ps-server does "
+                 "while requests come one at a time: spin_us); rpc = rpc_async of the "
                  "tutorial object's methods, waited in order; exchange_d1 = zps push then pull against "
                  "one gloo all_reduce of 4 KiB"})
     jobs = {"s1": b.server(1, "inf", name="small-s1")}
@@ -862,6 +882,8 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
                     cands[f"zps_{j}"] = local(lambda issue=issue: pipelined(issue, count, depth, _result),
                                               count, "ops/s")
                 cands["bare"] = bc.cand(op, KIB4 * 4 * count, KIB4 * 4, depth, False, data, count, "ops/s")
+                cands["bare_spin"] = bc.cand(f"{op}_spin", KIB4 * 4 * count, KIB4 * 4, depth, False, data,
+                                             count, "ops/s")
                 if op == "push":
                     cands["bare_sgd"] = bc.cand("push_sgd", KIB4 * 4 * count, KIB4 * 4, depth, False, data,
                                                 count, "ops/s")
@@ -1179,10 +1201,12 @@ def compute_ratios(res: dict) -> dict:
     if small and small["figures"]:
         f = small["figures"]
         # bare_vs_rpc: the most any server on pyzmq could reach against rpc
+        # vs_bare_spin: against bare pyzmq given the busy polling a ps-server does
         for cand, base, name in (("zps_s1", "bare", "vs_bare"), ("zps_s1", "rpc", "vs_rpc"),
-                                 ("bare", "rpc", "bare_vs_rpc")):
+                                 ("bare", "rpc", "bare_vs_rpc"), ("zps_s1", "bare_spin", "vs_bare_spin"),
+                                 ("bare_spin", "bare", "bare_spin_vs_bare")):
             for d in (1, 8):
-                if cand not in f[f"push_d{d}"]:
+                if cand not in f[f"push_d{d}"] or base not in f[f"push_d{d}"]:
                     continue
                 pr = _ratio(_med(f[f"push_d{d}"][cand]), _med(f[f"push_d{d}"][base]))
                 pl = _ratio(_med(f[f"pull_d{d}"][cand]), _med(f[f"pull_d{d}"][base]))
