@@ -1194,6 +1194,8 @@ def compute_ratios(res: dict) -> dict:
             r[f"{op}_vs_bare_2servers"] = _ratio(_med(g["zps_s2"]), _med(g["bare_r2"]))
         r["push_vs_bare_sgd"] = _ratio(_med(f["push"]["zps_s1"]), _med(f["push"].get("bare_sgd_r1")))
         r["bare_sgd_vs_bare"] = _ratio(_med(f["push"].get("bare_sgd_r1")), _med(f["push"]["bare_r1"]))
+        # the most push_vs_rpc could be: a push that applies its update, against rpc (which does too)
+        r["bare_sgd_vs_rpc"] = _ratio(_med(f["push"].get("bare_sgd_r1")), _med(f["push"]["rpc"]))
         r["pull_install_vs_bare"] = _ratio(_med(f["pull"]["zps_s1_install"]), _med(f["pull"]["bare_r1"]))
         ex = f["exchange"]
         r["exchange_vs_allreduce"] = _ratio(_med(ex["zps_s1"]), _med(ex["gloo_all_reduce"]))
