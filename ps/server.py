@@ -357,8 +357,11 @@ class ShardServer:
                 now = self._clock()
                 nd = self.gate.next_deadline()
                 wait = MAX_POLL_SECONDS if nd is None else min(MAX_POLL_SECONDS, max(0.0, nd - now))
+                # the spin is timed by the real clock (self._clock may be a test's)
                 events = self._spin_for(poller, min(wait, self._spin.seconds)) if spin else None
                 if not events:
+                    if spin:
+                        wait = max(0.0, wait - self._spin.seconds)   # already spent spinning
                     events = dict(poller.poll(int(math.ceil(wait * 1000))))
                 spin = False
                 if self._wake_rx in events:
