@@ -166,6 +166,11 @@ class PSClient:
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 10.0) -> "PSClient":
+        """Open the sockets and start the background thread; return at once.
+
+        Nothing here waits for a server (the first request does), so
+        ``timeout`` is ignored; it is kept for callers that pass it.
+        """
         if self._thread is not None:
             return self
         with self._io:
