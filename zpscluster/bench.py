@@ -483,9 +483,9 @@ def bare_transfer(socks: list, op: str, nbytes: int, chunk: int, depth: int, mul
     ``op`` "push" sends data (``data`` is a buffer of at least ``nbytes``),
     "push_sgd" too, and the ROUTER applies it as a plain SGD step; "pull"
     asks for it; "push_spin" and "pull_spin" are "push" and "pull" with the
-    ROUTER busy-polling between requests (BARE_SPIN_S).  ``multipart``: each socket's part is one message of
-    ``chunk``-byte frames; else each chunk is one message, ``depth`` in
-    flight per socket.
+    ROUTER busy-polling between requests (BARE_SPIN_S).  ``multipart``: each
+    socket's part is one message of ``chunk``-byte frames; else each chunk is
+    one message, ``depth`` in flight per socket.
     """
     import zmq
     mv = memoryview(data).cast("B") if data is not None else None
