@@ -84,3 +84,59 @@ def test_quick_run_holds_every_section_with_its_figures(report):
     figures += [f for kind in ("conv", "mlp") for f in report["train"][kind]["figures"].values()]
     bad = [f for f in figures if not _figure_ok(f)]
     assert not bad, f"figures without a finite positive median/min/max: {bad[:3]}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("args, says", [
+    (["--reps", "0"], "--reps must be >= 1"),
+    (["--warmup", "-1"], "--warmup >= 0"),
+    (["--json", "/nonexistent-zps-folder/out.json"], "does not exist"),
+    (["--json", "{tmp}"], "is a directory"),
+    (["--sections", "bulk,nothing"], "unknown sections"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, args, says):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, BENCH, "--quick", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert says in proc.stderr
+    assert "[ps-bench" not in proc.stderr, "it started measuring before refusing"
+
+
+@pytest.mark.timeout(200)
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path):
+    """SIGTERM after the first figures: exit 130, every process ended, the figures so far in the JSON."""
+    import selectors
+    import signal
+    import time
+
+    path = tmp_path / "partial.json"
+    proc = subprocess.Popen([sys.executable, BENCH, "--quick", "--sections", "update,memory", "--sizes", "1M",
+                             "--json", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 150
+        seen = ""
+        while "update 1M" not in seen:   # a progress line per measured update figure
+            assert time.monotonic() < deadline, f"no update figure within 150 s:\n{seen[-2000:]}"
+            assert proc.poll() is None, f"ps-bench ended early:\n{seen[-2000:]}"
+            if sel.select(timeout=1.0):
+                seen += proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, (seen + err)[-3000:]
+    assert "interrupted" in err and "meta.complete is false" in err
+    with open(path) as fh:
+        report = json.load(fh)
+    assert report["meta"]["complete"] is False
+    assert "ratios" not in report and "memory" not in report   # stopped during the update section
+    figures = report["update"]["figures"]
+    assert figures and all(_figure_ok(f) for per in figures.values() for figs in per.values()
+                           for f in figs.values())
+    assert not list(tmp_path.glob("partial.json.tmp*")), "a temporary file was left behind"

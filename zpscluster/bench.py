@@ -1426,7 +1426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown sections {bad}; known: {','.join(SECTIONS)}", file=sys.stderr)
         return 2
     opts.sizes = sorted(set(opts.sizes or (QUICK_SIZES if opts.quick else DEFAULT_SIZES)))
-    opts.reps = opts.reps or (3 if opts.quick else 7)
+    opts.reps = opts.reps if opts.reps is not None else (3 if opts.quick else 7)
     opts.warmup = opts.warmup if opts.warmup is not None else (1 if opts.quick else 2)
     if opts.reps < 1 or opts.warmup < 0:
         print("error: --reps must be >= 1 and --warmup >= 0", file=sys.stderr)
@@ -1434,6 +1434,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.train_threads < 0:
         print("error: --train-threads must be >= 0", file=sys.stderr)
         return 2
+    if opts.json:
+        why = json_path_problem(opts.json)
+        if why:
+            print(f"error: --json {opts.json}: {why}", file=sys.stderr)
+            return 2
     opts.min_rep_s = 0.1 if opts.quick else 0.3
     opts.train_rep_s = 0.4 if opts.quick else 2.5
     opts.memory_rounds = 4 if opts.quick else 8
@@ -1484,13 +1489,48 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
     res["meta"]["duration_s"] = round(time.perf_counter() - b.t0, 1)
     res["meta"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
+    res["meta"]["complete"] = code == 0
     if code != 0:
+        # what was measured before the failure is kept: figures only (the ratios need every
+        # figure of a section), marked incomplete
+        if opts.json and write_json(b, opts.json, res):
+            b.progress(f"the figures measured so far are in {opts.json} (meta.complete is false)")
         return code
     res["ratios"] = compute_ratios(res)
     res["targets"] = target_status(res["ratios"])
     print(render_table(res), flush=True)
-    if opts.json:
-        with open(opts.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-        b.progress(f"wrote {opts.json}")
+    if opts.json and not write_json(b, opts.json, res):
+        return 1
     return 0
+
+
+def json_path_problem(path: str) -> str | None:
+    """Why ``--json PATH`` could not be written (checked before a run of minutes), or None."""
+    if os.path.isdir(path):
+        return "is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "exists and is not writable"
+    return None
+
+
+def write_json(b: Bench, path: str, res: dict) -> bool:
+    """Write ``res`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        b.progress(f"could not write {path}: {exc}; the table above holds the ratios")
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+    b.progress(f"wrote {path}")
+    return True
