@@ -33,6 +33,8 @@ VERSION = "0.1.0"
 def request_once(endpoint: str, msg_type: MsgType, header: dict | None = None, timeout: float = 10.0,
                  ctx: zmq.Context | None = None, secure=None) -> Message:
     """One request to any zps endpoint (server or coordinator) on a fresh socket."""
+    if not 0 < timeout < float("inf"):   # ZeroMQ would wait forever on a negative poll timeout
+        raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
     own = ctx is None
     ctx = ctx or zmq.Context()
     sock = ctx.socket(zmq.DEALER)

@@ -93,6 +93,7 @@ def test_quick_run_holds_every_section_with_its_figures(report):
     (["--json", "/nonexistent-zps-folder/out.json"], "does not exist"),
     (["--json", "{tmp}"], "is a directory"),
     (["--sections", "bulk,nothing"], "unknown sections"),
+    (["--sizes", "1M,4G"], "give smaller --sizes"),   # 4G elements: a 16 GiB model, held many times over
 ])
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, args, says):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

@@ -40,6 +40,33 @@ def test_ps_ctl_checkpoint_and_ps_stat_on_a_live_server(procs, tmp_path):
     assert s["step"] == 1 and s["checkpoints"] == 1
     assert {"read_timeout", "worker_timeout", "max_parked"} <= set(s["settings"])
     assert {"sndhwm", "rcvhwm", "linger"} <= set(s["settings"]["transport"])
+    # ps-ctl status shows what ps-stat does, wherever its options stand
+    for argv in (("status", "--servers", server.endpoint), ("--servers", server.endpoint, "--timeout", "5", "status")):
+        st = run("ps-ctl", *argv)
+        assert st.returncode == 0, st.stderr
+        assert f"server 0 {server.endpoint}: step 1 " in st.stdout
+
+
+@pytest.mark.parametrize("cmd, says", [
+    (("ps-stat", "--servers", "tcp://127.0.0.1:9", "--timeout", "-1"), "above 0"),
+    (("ps-stat", "--servers", "tcp://127.0.0.1:9", "--timeout", "inf"), "above 0"),
+    (("ps-ctl", "status", "--servers", "tcp://127.0.0.1:9", "--timeout", "0"), "above 0"),
+    (("ps-ctl", "shutdown", "--servers", "tcp://127.0.0.1:9"), "give --coordinator"),
+    (("ps-export", "{tmp}", "{tmp}/no-such-folder/model.pt"), "does not exist"),
+    (("ps-export", "{tmp}", "{tmp}"), "is a directory"),
+])
+def test_bad_arguments_get_a_clear_error_at_once(tmp_path, cmd, says):
+    out = run(*[c.replace("{tmp}", str(tmp_path)) for c in cmd], timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_request_once_refuses_a_wait_without_end():
+    from common.control import request_once
+    from common.protocol import MsgType
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="above 0"):
+            request_once("tcp://127.0.0.1:9", MsgType.STATS, timeout=bad)
 
 
 def test_ps_export_gives_a_state_dict_the_model_loads(tmp_path):
@@ -52,6 +79,7 @@ def test_ps_export_gives_a_state_dict_the_model_loads(tmp_path):
     summary = json.load(open(tmp_path / "job" / "summary.json"))
     exp = run("ps-export", str(ck), str(tmp_path / "model.pt"))
     assert exp.returncode == 0, exp.stderr
+    assert sorted(p.name for p in tmp_path.glob("model.pt*")) == ["model.pt"], "a temporary file was left"
     from worker.workloads import get_workload
     wl = get_workload("linreg", seed=0)
     model = wl.build_model()

@@ -65,6 +65,13 @@ MI = 1 << 20
 KIB4 = 1024  # elements of a 4 KiB tensor
 DEFAULT_SIZES = (1 * MI, 16 * MI, 64 * MI)
 QUICK_SIZES = (1 * MI,)
+#: Memory a run needs, for the check before it starts (measured on this kind of machine as the
+#: peak of MemTotal - MemAvailable over the run): about 3 GiB of processes whatever the size
+#: (servers, bare pyzmq, rpc and gloo peers, trainers), plus about 72 bytes per element of the
+#: largest bulk size (the model held by the client, 1 and 2 servers with their snapshots, the
+#: bare ROUTERs, and rpc's server and client): 7.4 GiB at 64M.
+RUN_BASE_BYTES = 3 << 30
+BULK_BYTES_PER_ELEM = 72
 SECTIONS = ("bulk", "small", "update", "memory", "train")
 LR = 0.01
 #: Seconds any single request, command or wait of the benchmark may take.
@@ -1439,6 +1446,14 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             print(f"error: --json {opts.json}: {why}", file=sys.stderr)
             return 2
+    if "bulk" in sections:
+        need, have = RUN_BASE_BYTES + BULK_BYTES_PER_ELEM * max(opts.sizes), mem_available()
+        if have and need > have:
+            print(f"error: a bulk run at {size_name(max(opts.sizes))} elements needs about {need / (1 << 30):.1f} "
+                  f"GiB of memory (3 GiB of processes and {BULK_BYTES_PER_ELEM} bytes per element of the "
+                  f"largest size) and {have / (1 << 30):.1f} GiB are available: give smaller --sizes",
+                  file=sys.stderr)
+            return 2
     opts.min_rep_s = 0.1 if opts.quick else 0.3
     opts.train_rep_s = 0.4 if opts.quick else 2.5
     opts.memory_rounds = 4 if opts.quick else 8
@@ -1502,6 +1517,15 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json and not write_json(b, opts.json, res):
         return 1
     return 0
+
+
+def mem_available() -> int:
+    """MemAvailable in bytes (0 where /proc/meminfo does not say)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:")), 0)
+    except OSError:
+        return 0
 
 
 def json_path_problem(path: str) -> str | None:

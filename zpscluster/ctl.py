@@ -29,6 +29,17 @@ def _secure(args):
     return None if keys is None else (lambda sock: secure_client(sock, keys))
 
 
+def _seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds above 0 (every wait here is bounded)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
+    return v
+
+
 def _servers(args) -> list[str]:
     if args.servers:
         return [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -38,11 +49,13 @@ def _servers(args) -> list[str]:
 
 def ctl_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ps-ctl", description="Operate a running zps job.")
-    p.add_argument("command", choices=["checkpoint", "shutdown", "status"])
+    p.add_argument("command", choices=["checkpoint", "shutdown", "status"],
+                   help="checkpoint: every server writes one now; shutdown: end the job (needs "
+                        "--coordinator); status: what ps-stat shows")
     p.add_argument("--coordinator", default=os.environ.get("ZPS_COORDINATOR", ""),
                    help="coordinator address tcp://HOST:PORT [env ZPS_COORDINATOR]")
     p.add_argument("--servers", default="", help="comma list of server endpoints (instead of --coordinator)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer [60]")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for each answer [60]")
     _add_curve(p)
     args = p.parse_args(argv)
     if not args.coordinator and not args.servers:
@@ -54,10 +67,13 @@ def ctl_main(argv: list[str] | None = None) -> int:
                 r = request_once(ep, MsgType.CHECKPOINT, timeout=args.timeout, secure=args.secure)
                 print(f"{ep}: step {r['step']} -> {r['path']}")
         elif args.command == "shutdown":
+            if not args.coordinator:
+                p.error("shutdown ends a job through its coordinator: give --coordinator URL")
             request_once(args.coordinator, MsgType.SHUTDOWN, timeout=args.timeout, secure=args.secure)
             print("job is ending: servers stop at their next heartbeat")
-        else:
-            return stat_main(argv[1:] if argv else sys.argv[2:])
+        else:   # the options as parsed here, wherever they stood on the command line
+            return stat_main(["--coordinator", args.coordinator, "--servers", args.servers,
+                              "--timeout", repr(args.timeout), "--curve-keys", args.curve_keys])
     except ZPSError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
@@ -68,7 +84,7 @@ def stat_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ps-stat", description="Show a running job: state, servers' counters, settings.")
     p.add_argument("--coordinator", default=os.environ.get("ZPS_COORDINATOR", ""))
     p.add_argument("--servers", default="", help="comma list of server endpoints (instead of --coordinator)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for each answer [10]")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     _add_curve(p)
     args = p.parse_args(argv)
@@ -111,6 +127,11 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint_dir", help="the servers' --checkpoint-dir")
     p.add_argument("out", help="output file (.pt)")
     args = p.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        p.error(f"out {args.out} is a directory; give a file name (e.g. model.pt)")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        p.error(f"out: folder {folder} does not exist or is not writable")
     try:
         sd, info = export_state_dict(args.checkpoint_dir)
     except ZPSError as exc:
@@ -118,7 +139,17 @@ def export_main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    torch.save(sd, args.out)
+    tmp = f"{args.out}.tmp{os.getpid()}"   # written whole or not at all
+    try:
+        torch.save(sd, tmp)
+        os.replace(tmp, args.out)
+    except OSError as exc:
+        sys.stderr.write(f"error: could not write {args.out}: {exc}\n")
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return 1
     print(f"wrote {len(sd)} tensors ({info['elements']} elements, step {info['steps']}) to {args.out}")
     return 0
 
