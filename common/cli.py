@@ -124,6 +124,28 @@ def on_stop_signal(callback: Callable[[int], None]) -> threading.Event:
     return event
 
 
+def folder_problem(folder: str) -> str | None:
+    """Why files cannot be written into ``folder`` (created here if missing), or None.
+
+    Checked when a daemon starts, so that a bad path fails at once rather than
+    at the first checkpoint or at the end of a training run.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create folder {folder}: {exc.strerror or exc}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
+def file_problem(path: str) -> str | None:
+    """Why a file could not be written at ``path`` (its folder is created if missing), or None."""
+    if os.path.isdir(path):
+        return f"{path} is a folder; give a file name"
+    return folder_problem(os.path.dirname(os.path.abspath(path)))
+
+
 def fail(message: str, code: int = 2) -> int:
     sys.stderr.write(f"error: {message}\n")
     return code

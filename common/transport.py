@@ -28,6 +28,7 @@ def make_router(ctx: zmq.Context, bind: str, transport, keys: CurveKeys | None =
 
     With ``keys`` it is a CURVE server (start an ``Authenticator`` on ``ctx`` first).
     """
+    _check_port(bind)
     sock = _socket(ctx, zmq.ROUTER, transport)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if keys is not None:
@@ -42,6 +43,15 @@ def make_router(ctx: zmq.Context, bind: str, transport, keys: CurveKeys | None =
         sock.close(linger=0)
         raise OSError(f"cannot bind {bind}: {exc} (is the port in use, or the address not on this host?)") from None
     return sock
+
+
+def _check_port(bind: str) -> None:
+    """Refuse a TCP port outside 0-65535 (ZeroMQ would bind it modulo 65536, somewhere else)."""
+    if not bind.startswith("tcp://"):
+        return
+    port = bind.rpartition(":")[2]
+    if port.isdigit() and int(port) > 65535:
+        raise OSError(f"cannot bind {bind}: port {port} is above 65535")
 
 
 def _socket(ctx: zmq.Context, kind: int, transport) -> zmq.Socket:

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
-from common.cli import (add_common, add_settings, fail, load_job, on_stop_signal, print_ready,
-                        settings_from_args, setup_logging)
+from common.cli import (add_common, add_settings, fail, folder_problem, load_job, on_stop_signal,
+                        print_ready, settings_from_args, setup_logging)
 from common.config import CoordinatorSettings, JobSettings, ServerSettings
 from common.errors import ConfigError, ZPSError
 
@@ -39,6 +39,10 @@ def server_main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(ServerSettings, ns, job_file, "server")
     except ConfigError as exc:
         return fail(str(exc))
+    if settings.checkpoint_dir:
+        why = folder_problem(settings.checkpoint_dir)
+        if why:
+            return fail(f"--checkpoint-dir: {why}")
     setup_logging(ns.log_level, f"server[{settings.rank if not settings.coordinator else '?'}]")
     from common.netaddr import apply_interface, check_advertisable, peers_are_remote
 

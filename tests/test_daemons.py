@@ -62,6 +62,31 @@ def test_bad_flags_fail_with_a_message_naming_the_value():
     assert out.returncode == 2 and "-3" in out.stderr
 
 
+@pytest.mark.parametrize("cmd, code, says", [
+    (("ps-server", "--checkpoint-dir", "{file}"), 2, "--checkpoint-dir: cannot create folder"),
+    (("ps-server", "--checkpoint-dir", "/proc/zps-nowhere"), 2, "--checkpoint-dir: cannot create folder"),
+    (("ps-server", "--bind", "tcp://127.0.0.1:99999"), 1, "port 99999 is above 65535"),
+    (("ps-coordinator", "--bind", "tcp://127.0.0.1:65536"), 1, "port 65536 is above 65535"),
+    (("ps-worker", "--coordinator", "tcp://127.0.0.1:9", "--out", "{file}/out"), 2, "--out: cannot create"),
+    (("ps-worker", "--coordinator", "tcp://127.0.0.1:9", "--save", "{tmp}"), 2, "--save: {tmp} is a folder"),
+    (("ps-launch", "--workload", "linreg", "--out", "{file}"), 2, "--out: cannot create folder"),
+    (("ps-launch", "--workload", "linreg", "--out", "{tmp}/job", "--save", "/proc/zps-nowhere/m.pt"), 2,
+     "--save: cannot create folder /proc/zps-nowhere"),
+])
+def test_paths_and_ports_that_cannot_work_are_refused_at_start(tmp_path, cmd, code, says):
+    """Found when the daemon starts, not at its first checkpoint or after the job ran."""
+    (tmp_path / "a-file").write_text("x")
+    sub = {"{file}": str(tmp_path / "a-file"), "{tmp}": str(tmp_path)}
+    def fill(text):
+        for k, v in sub.items():
+            text = text.replace(k, v)
+        return text
+    out = subprocess.run(bin_cmd(*map(fill, cmd)), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == code, out.stderr
+    assert fill(says) in out.stderr and "Traceback" not in out.stderr
+    assert "READY" not in out.stdout and "[launch]" not in out.stdout
+
+
 def test_precedence_is_flag_then_env_then_job_file_then_default(tmp_path):
     job = {"staleness": 3, "lr": 0.5, "server": {"lr": 0.25, "momentum": 0.9}}
     env = {"ZPS_LR": "0.125", "ZPS_STALENESS": "inf"}

@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 
-from common.cli import (add_common, add_settings, fail, load_job, print_ready, settings_from_args,
-                        setup_logging)
+from common.cli import (add_common, add_settings, fail, file_problem, folder_problem, load_job, print_ready,
+                        settings_from_args, setup_logging)
 from common.config import WorkerSettings
 from common.errors import ConfigError, ZPSError
 
@@ -39,8 +39,10 @@ def worker_main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     if not settings.coordinator:
         return fail("no coordinator: pass --coordinator tcp://HOST:PORT or set ZPS_COORDINATOR")
-    if settings.out:
-        os.makedirs(settings.out, exist_ok=True)
+    for flag, why in (("--out", settings.out and folder_problem(settings.out)),
+                      ("--save", settings.save and file_problem(settings.save))):
+        if why:
+            return fail(f"{flag}: {why}")
     if command:
         return run_script(settings, command)
     setup_logging(ns.log_level, f"worker[{settings.rank if settings.rank >= 0 else '?'}]")

@@ -313,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.servers < 1 or args.workers < 1:
         sys.stderr.write("error: --servers and --workers must be at least 1\n")
         return 2
+    from common.cli import file_problem, folder_problem
+    for flag, why in (("--out", folder_problem(args.out)),
+                      ("--checkpoint-dir", args.checkpoint_dir and folder_problem(args.checkpoint_dir)),
+                      ("--save", args.save and file_problem(args.save))):
+        if why:   # found now, not after the job ran
+            sys.stderr.write(f"error: {flag}: {why}\n")
+            return 2
     if args.curve_keys:  # one host runs every role: it needs the whole folder
         from common.errors import ConfigError
         from common.security import CurveKeys
