@@ -72,6 +72,9 @@ def test_bad_flags_fail_with_a_message_naming_the_value():
     (("ps-launch", "--workload", "linreg", "--out", "{file}"), 2, "--out: cannot create folder"),
     (("ps-launch", "--workload", "linreg", "--out", "{tmp}/job", "--save", "/proc/zps-nowhere/m.pt"), 2,
      "--save: cannot create folder /proc/zps-nowhere"),
+    (("ps-experiment", "--workload", "linreg", "--out", "{file}/grid"), 2, "--out: cannot create folder"),
+    (("ps-soak", "--minutes", "0"), 2, "--minutes and --every must be above 0"),
+    (("ps-soak", "--minutes", "1", "--json", "{file}/r.json"), 2, "--json: cannot create folder"),
 ])
 def test_paths_and_ports_that_cannot_work_are_refused_at_start(tmp_path, cmd, code, says):
     """Found when the daemon starts, not at its first checkpoint or after the job ran."""

@@ -1182,7 +1182,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ps-experiment: error: {exc}\n")
         return 2
     out = m.out
-    os.makedirs(out, exist_ok=True)
+    from common.cli import folder_problem
+    why = folder_problem(out)
+    if why:
+        sys.stderr.write(f"ps-experiment: error: --out: {why}\n")
+        return 2
 
     def say(line: str) -> None:
         sys.stdout.write(line + "\n")

@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.pusher:
         return pusher_main(args.pusher[0], int(args.pusher[1]), int(args.pusher[2]))
+    if not (args.minutes > 0 and args.every > 0 and args.workers >= 1):
+        p.error("--minutes and --every must be above 0 and --workers at least 1")
+    if args.json:
+        from common.cli import file_problem
+        why = file_problem(args.json)
+        if why:
+            p.error(f"--json: {why}")
 
     from common.config import ClientSettings
     from common.errors import ZPSError
