@@ -14,10 +14,12 @@ avoided:
   replies of asynchronous requests, resends unanswered ones, expires them at
   their deadline and sends the heartbeats.
 
-Every wait takes a timeout. Requests to different servers, and several to
-one server, are in flight at once; requests leave in the order they were
-made and a server answers in order, so a pull sent after a push sees that
-push.
+Every wait takes a timeout. A request's timeout is None (the settings'
+default) or a finite number of seconds > 0; anything else, like any other
+bad argument, is refused before the request is sent. Requests to different
+servers, and several to one server, are in flight at once; requests leave
+in the order they were made and a server answers in order, so a pull sent
+after a push sees that push.
 
 Data travels zero-copy: a push sends ``zmq.Frame`` views of the caller's
 flat gradient buffer (the returned handle says when ZeroMQ has let go of
@@ -31,6 +33,8 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import math
+import numbers
 import os
 import queue
 import threading
@@ -42,7 +46,7 @@ import zmq
 
 from common import protocol as proto
 from common.config import ClientSettings
-from common.errors import ClosedError, DeadlineExceeded, ErrorCode, ProtocolError, remote_error
+from common.errors import ClosedError, ConfigError, DeadlineExceeded, ErrorCode, ProtocolError, remote_error
 from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
 from common.protocol import Message, MsgType
@@ -52,17 +56,67 @@ from common.transport import make_dealer, recv_now, send_now
 log = logging.getLogger("zps.client")
 
 _ZERO_COPY_MIN_BYTES = 1 << 16
+#: The wire's element type: little-endian fp32.
+_WIRE_DTYPE = np.dtype("<f4")
+#: Clocks travel as signed 64-bit integers (docs/PROTOCOL.md).
+_CLOCK_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
+def _request_timeout(timeout, what: str) -> float | None:
+    """``timeout`` of a request: None (the default) or a finite number of seconds > 0."""
+    if timeout is None:
+        return None
+    if (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout)
+            or timeout <= 0):
+        raise ValueError(f"{what}: timeout must be None (the default) or a finite number of seconds > 0, "
+                         f"got {timeout!r}")
+    return float(timeout)
+
+
+def _wait_timeout(timeout, what: str) -> float | None:
+    """``timeout`` of a wait: None (no limit) or a finite number of seconds (0 or less: only look)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout):
+        raise ValueError(f"{what}: timeout must be None (no limit) or a finite number of seconds, "
+                         f"got {timeout!r}")
+    return float(timeout)
+
+
+def _integer(value, what: str, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as a plain int (numpy integers too); TypeError if it is not an integer."""
+    if type(value) is int and (lo is None or lo <= value) and (hi is None or value <= hi):
+        return value   # the usual case, without the ABC checks (this runs on every request)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{what} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _clock(value, what: str = "clock") -> int:
+    """``value`` as a clock: an integer that fits the wire's signed 64 bits."""
+    return _integer(value, what, *_CLOCK_RANGE)
 
 
 def _wait_all(futures: Sequence[cf.Future], timeout: float | None, what: str) -> list:
-    """Results of every future, or the first error; ``timeout`` bounds the whole wait."""
+    """Results of every future, or the first error; ``timeout`` bounds the whole wait.
+
+    A future's own error (its request's ``DeadlineExceeded`` included) is
+    raised as it is; only this wait running out becomes "no answer within".
+    """
+    timeout = _wait_timeout(timeout, what)
     deadline = None if timeout is None else time.monotonic() + timeout
     out = []
     for f in futures:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             out.append(f.result(left))
-        except cf.TimeoutError:
+        except cf.TimeoutError as exc:
+            # DeadlineExceeded is a TimeoutError too: tell the request's own from ours
+            if cf.Future.done(f) and cf.Future.exception(f, 0) is exc:
+                raise
             raise DeadlineExceeded(f"{what}: no answer within {timeout:.1f}s") from None
     return out
 
@@ -79,6 +133,7 @@ class PushHandle:
         return all(t is None or t.done for t in self.trackers)
 
     def wait_released(self, timeout: float | None) -> None:
+        timeout = _wait_timeout(timeout, "wait_released")
         deadline = None if timeout is None else time.monotonic() + timeout
         # the client keeps the frames (to resend them) until the push is answered: wait for
         # that first, which also fetches the answers when no other thread does
@@ -125,14 +180,21 @@ class PSClient:
 
     def __init__(self, endpoints: Sequence[str], worker_id: int, incarnation: int | None = None,
                  settings: ClientSettings | None = None, ctx: zmq.Context | None = None):
+        if isinstance(endpoints, (str, bytes)):
+            raise TypeError(f"endpoints must be a list of endpoints, got the single {type(endpoints).__name__} "
+                            f"{endpoints!r}; pass [{endpoints!r}]")
         if not endpoints:
             raise ValueError("PSClient needs at least one server endpoint")
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
             raise ValueError(f"worker_id must be a non-negative integer, got {worker_id!r}")
+        settings = settings or ClientSettings()
+        for name in ("request_timeout", "read_timeout", "attempt_timeout", "heartbeat_interval", "backoff_max"):
+            if not math.isfinite(getattr(settings, name)):  # ClientSettings lets infinity through
+                raise ConfigError(f"{name} must be a finite number of seconds, got {getattr(settings, name)!r}")
         self.endpoints = list(endpoints)
         self.worker_id = worker_id
         self.incarnation = (int.from_bytes(os.urandom(4), "little") | 1) if incarnation is None else incarnation
-        self.settings = settings or ClientSettings()
+        self.settings = settings
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self._rid = itertools.count(1)
@@ -196,6 +258,8 @@ class PSClient:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the background thread (pending requests fail with ClosedError) and close sockets."""
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout):
+            raise ValueError(f"close: timeout must be a finite number of seconds, got {timeout!r}")
         if self._closed:
             return
         self._closed = True
@@ -221,8 +285,17 @@ class PSClient:
         The Future resolves to the decoded reply ``Message``, or raises
         ``RemoteError`` for an ERROR reply, ``DeadlineExceeded`` after
         ``timeout`` seconds (default: the request timeout) and ``ClosedError``
-        if the client closes first.
+        if the client closes first.  A bad ``server`` or ``timeout`` raises
+        before anything is sent.
         """
+        timeout = _request_timeout(timeout, "request")
+        if type(server) is not int or not 0 <= server < len(self.endpoints):
+            if isinstance(server, bool) or not isinstance(server, numbers.Integral):
+                raise TypeError(f"server must be an integer index into endpoints, got {server!r}")
+            if not 0 <= server < len(self.endpoints):
+                raise ValueError(f"server must be in [0, {len(self.endpoints)}) (the client's endpoints), "
+                                 f"got {server!r}")
+            server = int(server)
         if self._closed or self._thread is None:
             raise ClosedError("client is closed or not started")
         rid = next(self._rid)
@@ -257,6 +330,25 @@ class PSClient:
                 self._fail_handed()
         return (fut, tracker) if track else fut
 
+    def _flat(self, arr, what: str) -> np.ndarray:
+        """``arr`` if it is the plan's flat vector: 1-D, C-contiguous, fp32, ``plan.total`` long."""
+        n = self.plan.total
+        want = f"a 1-D C-contiguous numpy float32 array of {n} elements (the plan's total)"
+        if not isinstance(arr, np.ndarray):
+            if type(arr).__module__.split(".")[0] == "torch":
+                raise TypeError(f"{what}: expected {want}, got a torch tensor; pass t.detach().cpu().numpy() "
+                                "(of a float32 tensor) instead")
+            raise TypeError(f"{what}: expected {want}, got {type(arr).__name__}")
+        if arr.dtype != _WIRE_DTYPE:
+            got = arr.dtype.name if arr.dtype.isnative else f"{arr.dtype.str} ({arr.dtype.name}, byte-swapped)"
+            raise TypeError(f"{what}: expected {want}, got dtype {got}; convert with .astype(np.float32)")
+        if arr.ndim != 1 or arr.size != n:
+            raise ValueError(f"{what}: expected {want}, got shape {arr.shape} ({arr.size} elements)")
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{what}: expected {want}, got a non-contiguous view (strides {arr.strides}); "
+                             "pass np.ascontiguousarray(...) of it")
+        return arr
+
     def _data_frames(self, arr: np.ndarray, lo: int, hi: int, frame_elems: int) -> list:
         part = arr[lo:hi]
         if part.nbytes < _ZERO_COPY_MIN_BYTES:
@@ -275,11 +367,12 @@ class PSClient:
         ``clock`` (on a rejoin) is the clock this worker has reached: a server
         restored from an older checkpoint stops waiting for its lost updates.
         """
+        timeout = _request_timeout(timeout, "hello")
         if plan.num_servers != len(self.endpoints):
             raise ValueError(f"plan is cut for {plan.num_servers} servers, client has {len(self.endpoints)}")
         head = {"w": self.worker_id, "inc": self.incarnation, "plan": plan.to_wire(), "ph": plan.hash}
         if clock is not None:
-            head["clk"] = clock
+            head["clk"] = _clock(clock)
         futs = [self.request(k, MsgType.HELLO, head, timeout=timeout) for k in range(len(self.endpoints))]
         replies = [m.header for m in _wait_all(futs, timeout or self.settings.request_timeout, "hello")]
         self.plan = plan
@@ -290,6 +383,8 @@ class PSClient:
 
     def init(self, flat: np.ndarray, timeout: float | None = None) -> list[bool]:
         """Offer initial weights; the first offer a server sees wins. True where ours did."""
+        timeout = _request_timeout(timeout, "init")
+        flat = self._flat(flat, "init")
         futs = []
         for k in range(len(self.endpoints)):
             lo, hi = self.plan.range_of(k)
@@ -306,8 +401,17 @@ class PSClient:
         ``read_steps[k]`` is server k's update step when the weights this
         gradient was computed on were read (for staleness-aware learning
         rates and delay compensation).  Do not write ``flat_grad`` until
-        ``PushHandle.released()``.
+        ``PushHandle.released()``.  ``flat_grad`` is a 1-D C-contiguous numpy
+        float32 array of ``plan.total`` elements; it is never copied here.
         """
+        timeout = _request_timeout(timeout, "push")
+        flat_grad = self._flat(flat_grad, "push")
+        clock = _clock(clock)
+        if read_steps is not None:
+            if len(read_steps) != len(self.endpoints):
+                raise ValueError(f"read_steps needs one step per server ({len(self.endpoints)}), "
+                                 f"got {len(read_steps)}")
+            read_steps = [_integer(s, f"read_steps[{k}]") for k, s in enumerate(read_steps)]
         futs, trackers = [], []
         fe = self.plan.frame_elems
         per = self.settings.push_segment_frames * fe
@@ -316,7 +420,7 @@ class PSClient:
             head = {"w": self.worker_id, "inc": self.incarnation, "seq": next(self._seq[k]),
                     "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick, **self._to(k)}
             if read_steps is not None and read_steps[k] >= 0:
-                head["rs"] = int(read_steps[k])
+                head["rs"] = read_steps[k]
             if per and hi - lo > per:
                 # segments: the server checks each while the next ones are still on the way
                 segs = -(-(hi - lo) // per)
@@ -341,8 +445,11 @@ class PSClient:
         An ``observer`` pull (no HELLO needed; e.g. to export or inspect the
         weights) reads whatever the servers hold now and counts as no worker.
         """
+        timeout = _request_timeout(timeout, "pull")
+        clock = _clock(clock)
         t = self.settings.read_timeout if timeout is None else timeout
-        head = {"w": self.worker_id, "clk": clock, "ph": self.plan.hash, "dl": max(1, int(t * 1000))}
+        head = {"w": self.worker_id, "clk": clock, "ph": self.plan.hash,
+                "dl": min(max(1, int(t * 1000)), (1 << 63) - 1)}
         if observer:
             head["obs"] = True
         # the local deadline is a little later than the server's, so the server's
@@ -354,12 +461,16 @@ class PSClient:
 
     def clock(self, clock: int, timeout: float | None = None) -> list[int]:
         """Complete ``clock`` without a push; return each server's min_clock."""
+        timeout = _request_timeout(timeout, "clock")
+        clock = _clock(clock)
         futs = [self.request(k, MsgType.CLOCK, {"w": self.worker_id, "inc": self.incarnation, "clk": clock,
                                                 **self._to(k)}, timeout=timeout)
                 for k in range(len(self.endpoints))]
         return [m["min_clock"] for m in _wait_all(futs, timeout or self.settings.request_timeout, "clock")]
 
     def server_stats(self, server: int, timeout: float | None = None) -> dict:
+        """Server ``server``'s statistics (its STATS reply)."""
+        timeout = _request_timeout(timeout, "server_stats")
         return self.request(server, MsgType.STATS, timeout=timeout).result(
             timeout or self.settings.request_timeout)["stats"]
 
@@ -629,11 +740,13 @@ class _Reply(cf.Future):
         return super().done()
 
     def result(self, timeout: float | None = None):
+        timeout = _wait_timeout(timeout, "result")
         if not super().done():
             self._client._wait_for(self, timeout)
         return super().result(0 if super().done() else _remaining(timeout))
 
     def exception(self, timeout: float | None = None):
+        timeout = _wait_timeout(timeout, "exception")
         if not super().done():
             self._client._wait_for(self, timeout)
         return super().exception(0 if super().done() else _remaining(timeout))
