@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -29,8 +30,9 @@ import torch
 
 from common.config import ClientSettings, JobSettings
 from common.control import CoordinatorLink
-from common.errors import ZPSError
+from common.errors import ConfigError, ZPSError
 from common.security import CurveKeys
+from worker.binding import check_model
 from worker.session import PSWorker, ReadRecord
 from worker.workloads import partition
 
@@ -48,6 +50,7 @@ class Session:
         self.model = worker.model
         self.last_read: ReadRecord | None = None
         self._finished = False
+        self._met = False      # the "finished" barrier is behind us (a retried finish skips it)
 
     @property
     def world_size(self) -> int:
@@ -93,20 +96,23 @@ class Session:
 
         ``before_done()`` runs after every worker arrived and before this one
         reports done (the servers stay up until every worker reported), e.g.
-        to fetch and save the final weights.
+        to fetch and save the final weights.  If it raises (a push not
+        acknowledged in time, say), calling it again takes up where it failed.
         """
         if self._finished:
             return
-        self._finished = True
         t = self.job.read_timeout if timeout is None else timeout
         self.worker.flush(t)
-        try:
-            self.link.barrier("finished", t)
-        except ZPSError as exc:
-            log.warning("worker %d: finish barrier failed: %s", self.rank, exc)
+        if not self._met:
+            try:
+                self.link.barrier("finished", t)
+            except ZPSError as exc:
+                log.warning("worker %d: finish barrier failed: %s", self.rank, exc)
+            self._met = True
         if before_done is not None:
             before_done()
         self.link.done(result or {"clock": self.clock})
+        self._finished = True
 
     def close(self) -> None:
         try:
@@ -136,8 +142,20 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
     Blocks until every server has registered (at most ``timeout`` seconds).
     """
     url = coordinator or os.environ.get("ZPS_COORDINATOR", "")
+    if not url:
+        raise ConfigError("no coordinator: pass coordinator='tcp://HOST:PORT' or set ZPS_COORDINATOR")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
     if rank is None:
-        rank = int(os.environ.get("ZPS_WORKER_RANK", "-1"))
+        raw = os.environ.get("ZPS_WORKER_RANK", "-1")
+        try:
+            rank = int(raw)
+        except ValueError:
+            raise ConfigError(f"ZPS_WORKER_RANK must be a worker rank (an integer, -1 for any), "
+                              f"got {raw!r}") from None
+    # the model is checked before this worker takes a rank: a job never waits for a
+    # worker that could not have joined
+    check_model(model)
     if curve_keys is None:
         curve_keys = (settings.curve_keys if settings is not None else "") or os.environ.get("ZPS_CURVE_KEYS", "")
     keys = CurveKeys.from_setting(curve_keys, connect=True)

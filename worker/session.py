@@ -65,6 +65,7 @@ class PSWorker:
         self._step = 0
         self._read_steps: list[int] | None = None
         self._pull: PullHandle | None = None
+        self._pull_until = 0.0    # when the servers give up on self._pull (its deadline there)
         self._pushes: collections.deque[PushHandle] = collections.deque()
         self.started = False
         self.rejoins = 0
@@ -76,15 +77,28 @@ class PSWorker:
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float | None = None) -> "PSWorker":
-        """Register with every server, offer initial weights, learn the start clock."""
+        """Register with every server, offer initial weights, learn the start clock.
+
+        If that fails the client is closed (its thread and sockets with it).
+        """
+        _check_timeout(timeout)
         self.client.start()
-        replies = self.client.hello(self.plan, timeout)
-        bounds = {r["staleness"] for r in replies}
-        if len(bounds) != 1:
-            raise ConfigError(f"servers disagree on the staleness bound: {sorted(bounds)}")
-        self.staleness = staleness_from_wire(bounds.pop())
-        self.clock = max(r["start_clock"] for r in replies)
-        self.client.init(self.binding.params_host(), timeout)
+        try:
+            replies = self.client.hello(self.plan, timeout)
+            bounds = {r["staleness"] for r in replies}
+            if len(bounds) != 1:
+                raise ConfigError(f"servers disagree on the staleness bound: {sorted(bounds)}")
+            staleness = staleness_from_wire(bounds.pop())
+            if staleness == math.inf and self.settings.refresh == "lazy":
+                raise ConfigError("refresh='lazy' pulls only when the cached weights are too stale, which "
+                                  "under staleness inf they never are: this worker would never see an "
+                                  "update. Use refresh='eager' (the default) with staleness inf")
+            self.staleness = staleness
+            self.clock = max(r["start_clock"] for r in replies)
+            self.client.init(self.binding.params_host(), timeout)
+        except BaseException:
+            self.client.close()
+            raise
         self.started = True
         log.info("worker %d joined %d servers at clock %d (staleness %s)", self.worker_id,
                  len(replies), self.clock, self.staleness)
@@ -93,9 +107,14 @@ class PSWorker:
     def close(self, timeout: float = 10.0) -> None:
         """Wait for outstanding pushes (bounded by ``timeout``), then disconnect."""
         try:
-            self.flush(timeout)
+            if self.started:
+                self.flush(timeout)
         finally:
             self.client.close()
+
+    def _need_start(self) -> None:
+        if not self.started:
+            raise ZPSError("PSWorker is not started: call start() (or use it as a context manager) first")
 
     def __enter__(self) -> "PSWorker":
         return self.start()
@@ -106,6 +125,17 @@ class PSWorker:
     # ------------------------------------------------------------ iteration
     def _qualifies(self, clock: int) -> bool:
         return self.staleness == math.inf or self._stamp >= clock - self.staleness
+
+    def _pull_now(self, clock: int, timeout: float | None = None) -> None:
+        """Send a pull for ``clock``; the servers park it for ``timeout`` at most."""
+        t = self.settings.read_timeout if timeout is None else timeout
+        self._pull = self.client.pull(clock, t)
+        self._pull_until = time.monotonic() + t
+
+    def _take_pull(self, timeout: float | None) -> None:
+        """Install the pull in flight; it is dropped even if it failed (the next read asks anew)."""
+        handle, self._pull = self._pull, None
+        self._install(handle, timeout)
 
     def _install(self, handle: PullHandle, timeout: float | None) -> None:
         replies = handle.wait(timeout)
@@ -132,25 +162,32 @@ class PSWorker:
         raise AssertionError("unreachable")
 
     def _read(self, timeout: float | None) -> ReadRecord:
+        self._need_start()
+        _check_timeout(timeout)
         self._raise_push_errors()
         c = self.clock
         t0 = time.monotonic()
         pulled = False
         if self._pull is not None and self._pull.done():
-            self._install(self._pull, 0)
-            self._pull, pulled = None, True
+            pulled = True
+            self._take_pull(0)
         budget = self.settings.read_timeout if timeout is None else timeout
         deadline = t0 + budget
         while not self._qualifies(c):
+            if self._pull is not None and self._pull.clock >= c and self._pull_until > deadline + 0.5:
+                # the pull sent ahead (after the last push) is parked on the servers for longer
+                # than this read may wait: ask again with this read's deadline, so the servers'
+                # STALE_TIMEOUT, naming the workers that hold the read back, comes in time
+                self._pull = None
             if self._pull is None or self._pull.clock < c:
                 if self._pull is not None:  # an older pull still in flight: let it land first
-                    self._install(self._pull, max(0.0, deadline - time.monotonic()))
-                    self._pull, pulled = None, True
+                    pulled = True
+                    self._take_pull(max(0.0, deadline - time.monotonic()))
                     if self._qualifies(c):
                         break
-                self._pull = self.client.pull(c, max(0.001, deadline - time.monotonic()))
-            self._install(self._pull, max(0.0, deadline - time.monotonic()) + 5.0)
-            self._pull, pulled = None, True
+                self._pull_now(c, max(0.001, deadline - time.monotonic()))
+            pulled = True
+            self._take_pull(max(0.0, deadline - time.monotonic()) + 5.0)
         rec = ReadRecord(c, c - self._stamp if self._stamp > -(1 << 61) else 0,
                          time.monotonic() - t0, pulled, self._stamp, self._step)
         self.records.append(rec)
@@ -158,12 +195,14 @@ class PSWorker:
 
     def zero_grad(self) -> None:
         """Zero the flat gradients once the last push no longer needs them."""
+        self._need_start()
         if self._pushes:
             self._pushes[-1].wait_released(self.settings.request_timeout)
         self.binding.zero_grad()
 
     def push(self, tick: bool = True) -> PushHandle:
         """Push the gradients tagged with the current clock; advance the clock if ``tick``."""
+        self._need_start()
         grads = self.binding.grads_host()
         handle = self.client.push(grads, self.clock, tick, read_steps=self._read_steps)
         self._pushes.append(handle)
@@ -172,11 +211,12 @@ class PSWorker:
         if tick:
             self.clock += 1
             if self._pull is None and (self.settings.refresh == "eager" or not self._qualifies(self.clock)):
-                self._pull = self.client.pull(self.clock)
+                self._pull_now(self.clock)
         return handle
 
     def tick(self) -> None:
         """Complete the current clock without pushing."""
+        self._need_start()
         self.client.clock(self.clock)
         self.clock += 1
 
@@ -224,9 +264,18 @@ class PSWorker:
 
     def fetch_weights(self, timeout: float | None = None) -> torch.Tensor:
         """Pull the newest weights regardless of staleness and install them."""
+        self._need_start()
+        _check_timeout(timeout)
         if self._pull is not None:
-            self._install(self._pull, timeout)
-            self._pull = None
+            self._take_pull(timeout)
         h = self.client.pull(-(1 << 62) if self.staleness != math.inf else 0, timeout)
         self._install(h, timeout)
         return self.binding.flat
+
+
+def _check_timeout(timeout: float | None) -> None:
+    """None (the settings' default) or a finite number of seconds above 0."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be None or a finite number of seconds above 0, got {timeout!r}")

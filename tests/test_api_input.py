@@ -1,0 +1,160 @@
+"""The training API (PSWorker, join, Session) facing misuse and failure, against real servers."""
+import threading
+import time
+
+import pytest
+import torch
+
+from common.config import ClientSettings
+from common.errors import ConfigError, StalenessTimeoutError, ZPSError
+from worker.api import join
+from worker.session import PSWorker
+from zpscluster.procs import bin_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 1)
+
+
+def _step(w: PSWorker, read_timeout=10.0):
+    w.read(read_timeout)
+    w.zero_grad()
+    w.model(torch.ones(2, 4)).sum().backward()
+    w.push()
+
+
+def _client_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("zps-client-")]
+
+
+def test_a_read_that_timed_out_neither_sticks_nor_overstays(procs):
+    """read(T) ends after about T with the servers' STALE_TIMEOUT naming the blocker; the next read asks anew."""
+    srv = procs.server(0, 1, 2, 0)
+    s = ClientSettings(frame_elems=64, read_timeout=60)
+    w0 = PSWorker(_model(), [srv.endpoint], 0, settings=s).start(10)
+    w1 = PSWorker(_model(), [srv.endpoint], 1, settings=s).start(10)
+    try:
+        _step(w0)                      # clock 1 now needs worker 1's clock 0
+        t0 = time.monotonic()
+        with pytest.raises(StalenessTimeoutError) as err:
+            w0.read(1.0)               # the pull sent ahead after the push is parked for 60 s
+        took = time.monotonic() - t0
+        assert took < 4.0, f"read(1.0) took {took:.1f}s"
+        assert 1 in err.value.blockers
+        _step(w1)
+        w1.flush(10)
+        rec = w0.read(10)              # the failed pull is gone: this one is answered
+        assert rec.clock == 1 and rec.pulled and rec.staleness == 0
+    finally:
+        w0.close(5)
+        w1.close(5)
+
+
+def test_a_failed_start_leaves_no_thread_behind():
+    before = len(_client_threads())
+    w = PSWorker(_model(), ["tcp://127.0.0.1:9"], 0,
+                 settings=ClientSettings(frame_elems=64, request_timeout=1, attempt_timeout=0.3))
+    with pytest.raises(ZPSError):
+        w.start(1.0)
+    deadline = time.monotonic() + 5
+    while len(_client_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_client_threads()) == before, [t.name for t in _client_threads()]
+
+
+def test_using_a_worker_before_start_says_so():
+    w = PSWorker(_model(), ["tcp://127.0.0.1:9"], 0, settings=ClientSettings(frame_elems=64))
+    try:
+        for call in (w.read, w.zero_grad, w.push, w.tick, w.fetch_weights):
+            with pytest.raises(ZPSError, match="call start"):
+                call()
+    finally:
+        w.close(1)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_timeouts_must_be_finite_and_positive(bad):
+    w = PSWorker(_model(), ["tcp://127.0.0.1:9"], 0, settings=ClientSettings(frame_elems=64))
+    try:
+        with pytest.raises(ValueError, match="timeout"):
+            w.start(bad)
+    finally:
+        w.close(1)
+    with pytest.raises(ValueError, match="timeout"):
+        join(_model(), "tcp://127.0.0.1:9", timeout=bad)
+
+
+def test_frozen_and_meta_parameters_are_refused_before_anything_is_sent():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="frozen"):
+        PSWorker(m, ["tcp://127.0.0.1:9"], 0)
+    with pytest.raises(ConfigError, match="meta device"):
+        PSWorker(torch.nn.Linear(4, 1, device="meta"), ["tcp://127.0.0.1:9"], 0)
+
+
+def test_share_memory_after_binding_keeps_training(procs):
+    """share_memory() moves the flat buffers' memory as a whole: pulls and pushes follow it."""
+    srv = procs.server(0, 1, 1, "inf", "--lr", "0.5")
+    m = _model()
+    w = PSWorker(m, [srv.endpoint], 0, settings=ClientSettings(frame_elems=64)).start(10)
+    try:
+        _step(w)
+        m.share_memory()
+        before = m.weight.detach().clone()
+        _step(w)
+        w.flush(10)
+        w.fetch_weights(10)
+        assert not torch.equal(m.weight.detach(), before), "the pushed gradient never reached the model"
+    finally:
+        w.close(5)
+
+
+@pytest.mark.parametrize("change", ["double", "assign"])
+def test_a_model_changed_after_binding_is_refused_at_the_next_push(procs, change):
+    srv = procs.server(0, 1, 1, "inf")
+    m = _model()
+    w = PSWorker(m, [srv.endpoint], 0, settings=ClientSettings(frame_elems=64)).start(10)
+    try:
+        _step(w)
+        if change == "double":
+            m.double().float()                       # converted away and back: new storage
+        else:
+            m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+        w.read(10)
+        w.zero_grad()
+        m(torch.ones(2, 4)).sum().backward()
+        with pytest.raises(ConfigError, match="after (it|the model) was bound"):
+            w.push()
+    finally:
+        w.close(5)
+
+
+def test_lazy_refresh_under_asp_is_refused(procs):
+    srv = procs.server(0, 1, 1, "inf")
+    w = PSWorker(_model(), [srv.endpoint], 0, settings=ClientSettings(frame_elems=64, refresh="lazy"))
+    with pytest.raises(ConfigError, match="refresh='lazy'"):
+        w.start(10)
+
+
+def test_join_checks_the_model_before_it_takes_a_rank(procs, monkeypatch):
+    coord = procs.start(bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0", "--num-servers", "1",
+                                "--num-workers", "1", "--staleness", "inf"), "coordinator")
+    cep = coord.wait_ready(60)["endpoint"]
+    procs.start(bin_cmd("ps-server", "--coordinator", cep, "--bind", "tcp://127.0.0.1:0"), "server0").wait_ready(60)
+    for bad in (torch.nn.ReLU(), torch.nn.Linear(2, 2).half()):
+        with pytest.raises(ConfigError):
+            join(bad, cep, timeout=10)
+    monkeypatch.setenv("ZPS_WORKER_RANK", "zero")
+    with pytest.raises(ConfigError, match="ZPS_WORKER_RANK"):
+        join(torch.nn.Linear(2, 2), cep, timeout=10)
+    monkeypatch.delenv("ZPS_WORKER_RANK")
+    # rank 0 is still free: the refused joins took nothing
+    with join(torch.nn.Linear(2, 2), cep, rank=0, timeout=30) as ps:
+        assert ps.rank == 0
+        with ps.step():
+            ps.model(torch.ones(1, 2)).sum().backward()
