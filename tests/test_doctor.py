@@ -358,6 +358,11 @@ def test_ps_doctor_prints_the_table_and_json_and_exits_by_the_verdict(job, tmp_p
     assert "CHECK" in out.stdout and "verdict: PASS" in out.stdout and server in out.stdout
     data = json.loads(path.read_text())
     assert data["passed"] and {c["check"] for c in data["checks"]} >= {"reach", "clock", "echo", "version"}
+    # --json -: stdout is the JSON alone, for a pipe; the table goes to stderr
+    out = subprocess.run(bin_cmd("ps-doctor", "--coordinator", url, "--echo-mib", "0", "--json", "-"),
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["passed"] and "verdict: PASS" in out.stderr
     dead = f"tcp://127.0.0.1:{_closed_port()}"
     out = subprocess.run(bin_cmd("ps-doctor", "--coordinator", url, "--server", dead, "--echo-mib", "0"),
                          capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -954,10 +954,10 @@ def bench_update(b: Bench, sizes: Sequence[int], res: dict) -> None:
                 figs = interleaved(cands, o.reps, o.warmup, o.min_rep_s)
                 for name, f in figs.items():
                     f["traffic_GBps"] = f["median"] * TRAFFIC[name] / 1e9
+                out["figures"].setdefault(f"threads{threads}", {})[key] = figs   # kept before it is told
                 b.progress(f"update {key}, {threads} thread(s): " + ", ".join(
                     f"{name} {f['median'] / 1e9:.2f} G el/s = {f['traffic_GBps']:.1f} GB/s"
                     for name, f in figs.items()))
-                out["figures"].setdefault(f"threads{threads}", {})[key] = figs
     finally:
         torch.set_num_threads(default_threads)
 

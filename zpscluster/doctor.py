@@ -444,7 +444,7 @@ def doctor_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds each probe or ECHO may take [3]")
     p.add_argument("--echo-mib", type=float, default=4.0, help="MiB per bandwidth ECHO [4]")
     p.add_argument("--max-skew", type=float, default=1.0, help="largest clock skew allowed, seconds [1]")
-    p.add_argument("--json", default="", metavar="PATH", help="also write the checks as JSON here ('-': stdout)")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the checks as JSON here ('-': stdout, the table then goes to stderr)")
     return p
 
 
@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     checks = doctor.run()
     title = f"ps-doctor from {_hostname()}" + (f" -> {args.coordinator}" if args.coordinator else "")
-    print(render(checks, title))
+    # with --json - stdout holds the JSON alone (for a pipe); the table goes to stderr
+    print(render(checks, title), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         text = json.dumps({"passed": verdict(checks)[0], "checks": [c.to_json() for c in checks]}, indent=2)
         if args.json == "-":

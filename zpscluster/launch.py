@@ -44,7 +44,8 @@ def launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data split and stragglers [0]")
     p.add_argument("--straggler", default="none",
                    help="none, RANK:FACTOR (that rank FACTOR times slower), random:P:FACTOR, "
-                        "pause:RANK|all:EVERY:SECONDS, dist:exp:MEAN, dist:lognormal:MU:SIGMA, A+B [none]")
+                        "pause:RANK|all:EVERY:SECONDS, dist:exp:MEAN, dist:lognormal:MU:SIGMA, dist:uniform:LO:HI, "
+                        "A+B [none]")
     p.add_argument("--staleness-lr", action="store_true",
                    help="servers divide the learning rate by each update's measured staleness")
     p.add_argument("--dc-lambda", type=float, default=None,
