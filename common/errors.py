@@ -95,6 +95,14 @@ class ClosedError(ZPSError):
     """The component was closed by its owner."""
 
 
+class JobStopped(ZPSError):
+    """The job ended (``ps-ctl shutdown``) before this worker finished its steps."""
+
+
+#: Exit status of a ``ps-worker`` whose job was shut down before it finished.
+EXIT_JOB_STOPPED = 3
+
+
 def remote_error(code: int, message: str, server: str = "", detail: dict | None = None) -> RemoteError:
     """Build the most specific :class:`RemoteError` for an ERROR reply."""
     cls = StalenessTimeoutError if code == ErrorCode.STALE_TIMEOUT else RemoteError

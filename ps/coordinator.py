@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from typing import Callable
@@ -49,6 +48,7 @@ class Member:
     last_seen: float = 0.0
     live: bool = True
     done: bool = False
+    told: bool = False      # has heard (in a heartbeat reply) that the job is over
     restarts: int = 0
     lost: int = 0
     result: dict = dataclasses.field(default_factory=dict)
@@ -200,7 +200,10 @@ class Coordinator:
             log.info("every live worker finished; telling servers to stop")
         if self.state == "done":
             servers = self.members["server"]
-            if all(m.done or not m.live or not m.registered for m in servers) or \
+            # a worker still training (the job was shut down under it) learns it from a
+            # heartbeat reply: stay until each live one has had one
+            untold = [m for m in workers if m.registered and m.live and not m.done and not m.told]
+            if (all(m.done or not m.live or not m.registered for m in servers) and not untold) or \
                     now - self._done_at > self.settings.done_grace:
                 self.state = "stopped"
 
@@ -345,6 +348,9 @@ class Coordinator:
             self._event("back", msg["role"], m.rank)
         dead = [x.rank for x in self.members["worker"] if x.registered and not x.live]
         self._reply(ident, msg, {"state": self.state, "dead_workers": dead})
+        if self.state in ("done", "stopped"):
+            m.told = True
+            self._advance(self._clock())
 
     def _on_done(self, ident: bytes, msg: Message) -> None:
         m = self._member(msg["role"], msg["rank"])

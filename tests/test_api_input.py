@@ -158,3 +158,29 @@ def test_join_checks_the_model_before_it_takes_a_rank(procs, monkeypatch):
         assert ps.rank == 0
         with ps.step():
             ps.model(torch.ones(1, 2)).sum().backward()
+
+
+def test_a_job_shut_down_under_a_training_loop_raises_job_stopped(procs):
+    from common.control import request_once
+    from common.errors import JobStopped
+    from common.protocol import MsgType
+
+    coord = procs.start(bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0", "--num-servers", "1",
+                                "--num-workers", "1", "--staleness", "inf", "--heartbeat-interval", "0.2",
+                                "--worker-timeout", "5"), "coordinator")
+    cep = coord.wait_ready(60)["endpoint"]
+    procs.start(bin_cmd("ps-server", "--coordinator", cep, "--bind", "tcp://127.0.0.1:0"), "server0").wait_ready(60)
+    m = _model()
+    steps = 0
+    with pytest.raises(JobStopped, match="shut down"):
+        with join(m, cep, timeout=30) as ps:
+            for _ in range(20):
+                with ps.step():
+                    m(torch.ones(2, 4)).sum().backward()
+            request_once(cep, MsgType.SHUTDOWN, timeout=10)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 30:       # stops at the next heartbeat, not at a timeout
+                with ps.step():
+                    m(torch.ones(2, 4)).sum().backward()
+                steps += 1
+    assert time.monotonic() - t0 < 10, f"the loop ran {time.monotonic() - t0:.1f}s after the shutdown"

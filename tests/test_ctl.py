@@ -90,3 +90,66 @@ def test_ps_export_gives_a_state_dict_the_model_loads(tmp_path):
 def test_ps_export_names_what_is_missing(tmp_path):
     out = run("ps-export", str(tmp_path), str(tmp_path / "m.pt"))
     assert out.returncode == 1 and "server-" in out.stderr
+
+
+def test_ps_ctl_shutdown_ends_a_running_job_promptly(tmp_path):
+    """Workers stop at their next heartbeat (ps-worker exits 3), servers checkpoint, ps-launch says so."""
+    import re
+    import selectors
+    import time
+
+    ck = tmp_path / "ck"
+    launch = subprocess.Popen(bin_cmd("ps-launch", "--workload", "digits", "--servers", "1", "--workers", "2",
+                                      "--steps", "1000000", "--out", str(tmp_path / "job"),
+                                      "--checkpoint-dir", str(ck)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(launch.stdout, selectors.EVENT_READ)
+        url, seen, deadline = None, "", time.monotonic() + 120
+        while not (url and seen.count('"role": "worker"') >= 2):   # both workers training
+            assert time.monotonic() < deadline and launch.poll() is None, seen[-3000:]
+            if sel.select(1.0):
+                line = launch.stdout.readline()
+                seen += line
+                m = re.search(r"coordinator at (tcp://\S+);", line)
+                url = url or (m and m.group(1))
+        t0 = time.monotonic()
+        out = run("ps-ctl", "shutdown", "--coordinator", url, timeout=60)
+        assert out.returncode == 0, out.stderr
+        rest, _ = launch.communicate(timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait(10)
+    assert launch.returncode == 3, (seen + rest)[-3000:]
+    assert took < 30, f"the job took {took:.0f}s to end after the shutdown"
+    assert "job shut down (ps-ctl shutdown)" in rest and "stopped at clock" in rest
+    assert list(ck.glob("server-0/ckpt-*")), "the server did not checkpoint at shutdown"
+
+
+def test_after_a_shutdown_the_coordinator_stays_until_every_training_worker_was_told():
+    """A worker learns of a shutdown from a heartbeat reply: the coordinator may not leave before."""
+    from common.config import CoordinatorSettings, JobSettings
+    from common.control import CoordinatorLink, request_once
+    from common.protocol import MsgType
+    from ps.coordinator import Coordinator
+
+    coord = Coordinator(CoordinatorSettings(bind="tcp://127.0.0.1:0", done_grace=60, reach_timeout=0,
+                                            job=JobSettings(num_servers=1, num_workers=1))).run_in_background()
+    server = CoordinatorLink(coord.endpoint, "server", timeout=10)
+    worker = CoordinatorLink(coord.endpoint, "worker", timeout=10)
+    try:
+        server.register(0, "tcp://127.0.0.1:9")
+        worker.register(0)
+        request_once(coord.endpoint, MsgType.SHUTDOWN, timeout=10)
+        server.done({})                          # the server stopped at once; DONE's answer comes after
+        assert coord.state == "done", "left before the training worker heard of the shutdown"   # its advance
+        assert worker.call(MsgType.BEAT, {"role": "worker", "rank": 0, "inc": worker.inc}, 10)["state"] == "done"
+        assert coord.wait(10), "did not stop once every worker was told"
+        assert coord.state == "stopped"
+    finally:
+        worker.close()
+        server.close()
+        coord.shutdown(5)

@@ -30,7 +30,7 @@ import torch
 
 from common.config import ClientSettings, JobSettings
 from common.control import CoordinatorLink
-from common.errors import ConfigError, ZPSError
+from common.errors import ClosedError, ConfigError, DeadlineExceeded, ErrorCode, JobStopped, RemoteError, ZPSError
 from common.security import CurveKeys
 from worker.binding import check_model
 from worker.session import PSWorker, ReadRecord
@@ -50,7 +50,9 @@ class Session:
         self.model = worker.model
         self.last_read: ReadRecord | None = None
         self._finished = False
+        self._finishing = False
         self._met = False      # the "finished" barrier is behind us (a retried finish skips it)
+        self._stopped_at: int | None = None   # the clock at which the job was shut down under us
 
     @property
     def world_size(self) -> int:
@@ -73,14 +75,45 @@ class Session:
         return torch.utils.data.Subset(dataset, list(partition(len(dataset), self.rank, self.world_size)))
 
     def read(self, timeout: float | None = None) -> ReadRecord:
-        self.last_read = self.worker.read(timeout)
+        self.last_read = self._call(self.worker.read, timeout)
         return self.last_read
 
     def zero_grad(self) -> None:
-        self.worker.zero_grad()
+        self._call(self.worker.zero_grad)
 
     def push(self) -> None:
-        self.worker.push()
+        self._call(self.worker.push)
+
+    # ------------------------------------------------------------ the job ending under us
+    def _on_state(self, state: str, _dead: list) -> None:
+        """Coordinator heartbeat: a job that ended while this worker still trains was shut down."""
+        if state in ("done", "stopped") and not self._finishing and self._stopped_at is None:
+            self._stopped_at = self.worker.clock
+            log.warning("worker %d: the job was shut down at clock %d; stopping", self.rank, self._stopped_at)
+            self.worker.client.close()   # whatever waits on a server stops waiting now
+
+    def _job_stopped(self) -> JobStopped:
+        return JobStopped(f"the job was shut down (ps-ctl shutdown) while worker {self.rank} was at clock "
+                          f"{self._stopped_at}, before its {self.steps or 'last'} steps were done")
+
+    def _call(self, fn, *args):
+        """``fn(*args)``, with the errors of a job shut down under us told as ``JobStopped``."""
+        if self._stopped_at is not None:
+            raise self._job_stopped()
+        try:
+            return fn(*args)
+        except (ClosedError, DeadlineExceeded, RemoteError) as exc:
+            if isinstance(exc, RemoteError) and exc.code != ErrorCode.SHUTTING_DOWN:
+                raise
+            if self._stopped_at is None and not isinstance(exc, ClosedError):
+                try:   # a server stopping, or silent: ask the coordinator whether the job is over
+                    if self.link.status(timeout=5)["state"] in ("done", "stopped"):
+                        self._on_state("done", [])
+                except ZPSError:
+                    pass
+            if self._stopped_at is not None:
+                raise self._job_stopped() from exc
+            raise
 
     @contextlib.contextmanager
     def step(self) -> Iterator[ReadRecord]:
@@ -101,6 +134,9 @@ class Session:
         """
         if self._finished:
             return
+        if self._stopped_at is not None:
+            raise self._job_stopped()
+        self._finishing = True
         t = self.job.read_timeout if timeout is None else timeout
         self.worker.flush(t)
         if not self._met:
@@ -116,7 +152,10 @@ class Session:
 
     def close(self) -> None:
         try:
-            self.worker.close()
+            if self._stopped_at is None:
+                self.worker.close()
+            else:   # the servers are gone: nothing left to wait for
+                self.worker.client.close()
         finally:
             self.link.close()
 
@@ -163,7 +202,12 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
     try:
         got, job = link.register(rank)
         servers = link.addresses(timeout)
-        link.start_heartbeats(job.heartbeat_interval)
+        session: list[Session] = []   # the heartbeat thread tells it once it exists
+
+        def on_state(state: str, dead: list) -> None:
+            if session:
+                session[0]._on_state(state, dead)
+        link.start_heartbeats(job.heartbeat_interval, on_state)
         cs = settings or ClientSettings(read_timeout=job.read_timeout, heartbeat_interval=job.heartbeat_interval,
                                         frame_elems=job.frame_elems, faults=job.faults,
                                         fault_seed=job.seed * 1000 + max(got, 0))
@@ -174,4 +218,5 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
         link.close()
         raise
     log.info("worker %d of %d joined (%d servers, staleness %s)", got, job.num_workers, len(servers), pw.staleness)
-    return Session(link, job, got, pw)
+    session.append(Session(link, job, got, pw))
+    return session[0]

@@ -10,7 +10,7 @@ import sys
 from common.cli import (add_common, add_settings, fail, file_problem, folder_problem, load_job, print_ready,
                         settings_from_args, setup_logging)
 from common.config import WorkerSettings
-from common.errors import ConfigError, ZPSError
+from common.errors import EXIT_JOB_STOPPED, ConfigError, JobStopped, ZPSError
 
 
 def worker_parser() -> argparse.ArgumentParser:
@@ -135,8 +135,11 @@ def run_builtin(settings: WorkerSettings) -> int:
         session.close()
         return 130
     except ZPSError as exc:
-        log.error("worker %d failed at clock %d: %s", session.rank, session.clock, exc)
         session.close()
+        if isinstance(exc, JobStopped) or session._stopped_at is not None:
+            log.warning("worker %d stopped at clock %d: the job was shut down", session.rank, session.clock)
+            return EXIT_JOB_STOPPED
+        log.error("worker %d failed at clock %d: %s", session.rank, session.clock, exc)
         return 1
     session.close()
     return 0

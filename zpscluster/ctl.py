@@ -70,7 +70,8 @@ def ctl_main(argv: list[str] | None = None) -> int:
             if not args.coordinator:
                 p.error("shutdown ends a job through its coordinator: give --coordinator URL")
             request_once(args.coordinator, MsgType.SHUTDOWN, timeout=args.timeout, secure=args.secure)
-            print("job is ending: servers stop at their next heartbeat")
+            print("job is ending: servers checkpoint (if set up) and stop, workers stop (ps-worker exits 3), "
+                  "all at their next heartbeat")
         else:   # the options as parsed here, wherever they stood on the command line
             return stat_main(["--coordinator", args.coordinator, "--servers", args.servers,
                               "--timeout", repr(args.timeout), "--curve-keys", args.curve_keys])

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+from common.errors import EXIT_JOB_STOPPED
 from zpscluster.procs import RoleProcess, bin_cmd
 
 JOB_FLAGS = ("staleness", "workload", "steps", "optimizer", "lr", "momentum", "seed", "straggler",
@@ -181,6 +182,9 @@ class Launch:
                      f"final loss {summary['final_loss']:.4f}, max read staleness {summary['staleness_max']}"
                      + (f", lost workers {summary['lost_workers']}" if summary["lost_workers"] else ""))
             self.say(f"[launch] summary: {os.path.join(a.out, 'summary.json')}")
+        elif code == EXIT_JOB_STOPPED:
+            self.say(f"[launch] job {self.failure}; no summary"
+                     + (f" (the servers checkpointed into {a.checkpoint_dir})" if a.checkpoint_dir else ""))
         else:
             self.say(f"[launch] job failed ({self.failure})")
         return code
@@ -200,6 +204,8 @@ class Launch:
                     rank = int(name[6:])
                     if rc == 0:
                         self.worker_state[rank] = "finished"
+                    elif rc == EXIT_JOB_STOPPED:   # the job was shut down under it (ps-ctl shutdown)
+                        self.worker_state[rank] = "stopped"
                     elif rc < 0:  # killed by a signal: lost, not failed
                         self.lost.append({"rank": rank, "signal": -rc, "time": time.time()})
                         self.say(f"[launch] worker {rank} was killed by signal {-rc}")
@@ -221,6 +227,10 @@ class Launch:
                 if all(s == "lost" for s in self.worker_state.values()):
                     self.failure = "every worker was lost"
                     return 1
+                code = 0
+                if "stopped" in self.worker_state.values():
+                    self.failure = "shut down (ps-ctl shutdown) before every worker finished its steps"
+                    code = EXIT_JOB_STOPPED
                 # servers and the coordinator stop on their own once every worker is done
                 end = time.monotonic() + 30
                 for name, p in self.procs.items():
@@ -229,11 +239,11 @@ class Launch:
                             p.wait(max(0.1, end - time.monotonic()))
                         except Exception:
                             self.say(f"[launch] {name} did not stop on its own; stopping it")
-                return 0
+                return code
         return 1
 
     def _workers_over(self) -> bool:
-        return all(s in ("finished", "lost") for s in self.worker_state.values()) and \
+        return all(s in ("finished", "lost", "stopped") for s in self.worker_state.values()) and \
             len(self.worker_state) == self.args.workers
 
     def stop_all(self) -> None:
