@@ -112,10 +112,20 @@ def print_ready(role: str, rank: int, endpoint: str, **extra: Any) -> None:
 
 
 def on_stop_signal(callback: Callable[[int], None]) -> threading.Event:
-    """Call ``callback(signum)`` on SIGTERM/SIGINT (from the main thread); return an Event set then."""
+    """Call ``callback(signum)`` on the first SIGTERM/SIGINT (from the main thread); return an Event set then.
+
+    Later signals are ignored: a handler runs on top of whatever the main
+    thread was doing, the first handler included, and a second one taking
+    the locks the interrupted first one holds (``Event.set``, the server's
+    wake-up lock) would wait for itself forever.
+    """
     event = threading.Event()
+    fired: list[int] = []
 
     def handler(signum, _frame):
+        if fired:   # plain list: no lock in the way of a handler interrupting a handler
+            return
+        fired.append(signum)
         event.set()
         callback(signum)
 

@@ -21,7 +21,7 @@ class Procs:
 
     def start(self, cmd, name, env=None) -> RoleProcess:
         env = {"PYTHONPATH": ROOT, **(env or {})}
-        p = RoleProcess(cmd, name, env=env, cwd=ROOT)
+        p = RoleProcess(cmd, name, env=env, cwd=ROOT, guard=True)   # none outlives a crashed test run
         self.all.append(p)
         return p
 

@@ -1,10 +1,8 @@
 """The daemons as a user starts them: READY lines, --help, signals, settings precedence."""
 import dataclasses
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -118,3 +116,16 @@ def test_job_settings_round_trip_and_validation():
         JobSettings(worker_timeout=1.0, heartbeat_interval=1.0)
     with pytest.raises(ConfigError, match="-1"):
         JobSettings(steps=-1)
+
+
+@pytest.mark.slow
+def test_a_burst_of_stop_signals_stops_a_server_without_a_deadlock(procs):
+    """A second SIGTERM arriving inside the first one's handler must not wait on the locks it holds."""
+    for _ in range(5):   # the race is narrow: several rounds of many signals
+        p = procs.server(0, 1, 1, 0)
+        for _ in range(200):
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        assert p.wait(20) == 0, p.tail(10)

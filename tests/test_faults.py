@@ -14,11 +14,10 @@ import torch
 import zmq
 
 from common.config import ClientSettings, ServerSettings
-from common.plan import PartitionPlan, specs_of_module
-from common.protocol import MsgType, decode, encode
+from common.plan import PartitionPlan
+from common.protocol import MsgType, encode
 from ps import checkpoint as ckpt
 from ps.server import ShardServer
-from tests.procs.train_worker import make_model
 from worker.client import PSClient
 
 pytestmark = pytest.mark.slow

@@ -176,3 +176,46 @@ def test_a_user_script_trains_through_ps_worker(procs, tmp_path):
     assert acc > 0.85
     assert (tmp_path / "model.pt").exists()
     assert coord.wait(30) == 0  # the coordinator stops by itself once the job is done
+
+
+def test_no_role_outlives_a_launcher_killed_with_sigkill(tmp_path):
+    """The kernel ends every role when ps-launch dies without a chance to stop them (PR_SET_PDEATHSIG)."""
+    import re
+    import selectors
+
+    launch = subprocess.Popen(bin_cmd("ps-launch", "--workload", "digits", "--servers", "1", "--workers", "2",
+                                      "--steps", "1000000", "--out", str(tmp_path / "job")),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    pids, seen = set(), ""
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(launch.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 120
+        while len(pids) < 4:    # coordinator, server, 2 workers
+            assert time.monotonic() < deadline and launch.poll() is None, seen[-3000:]
+            if sel.select(1.0):
+                line = launch.stdout.readline()
+                seen += line
+                m = re.search(r'READY .*"pid": (\d+)', line)
+                if m:
+                    pids.add(int(m.group(1)))
+        launch.send_signal(signal.SIGKILL)
+        launch.wait(10)
+        deadline = time.monotonic() + 30
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = {p for p in alive if os.path.exists(f"/proc/{p}") and
+                     open(f"/proc/{p}/stat").read().split(") ")[1][0] != "Z"}
+            if alive:
+                time.sleep(0.1)   # polling for the exits, each bounded by the deadline
+        assert not alive, "roles still running after the launcher died: " + "; ".join(
+            open(f"/proc/{p}/cmdline").read().replace("\0", " ")[-120:] for p in sorted(alive))
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait(10)

@@ -4,8 +4,6 @@ Each test waits on READY lines (never sleeps for readiness) and the
 ``procs`` fixture ends every process it started.
 """
 import json
-import math
-import os
 
 import numpy as np
 import pytest

@@ -202,17 +202,6 @@ def free_port() -> int:
 
 
 # =================================================================== processes
-# Run a command so that the kernel SIGTERMs it if the benchmark dies (prctl
-# PR_SET_PDEATHSIG survives execve); refuse to start if the parent is gone.
-_GUARD = ("import ctypes, os, signal, sys\n"
-          "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))\n"
-          "if os.getppid() != int(sys.argv[1]): os._exit(3)\n"
-          "os.execv(sys.argv[2], sys.argv[2:])\n")
-
-def guarded(cmd: Sequence[str]) -> list[str]:
-    return [sys.executable, "-c", _GUARD, str(os.getpid()), *cmd]
-
-
 class PeerControl:
     """REQ side of a measuring peer's control socket."""
 
@@ -282,7 +271,7 @@ class Bench:
     # -- children ------------------------------------------------------
     def spawn(self, cmd: Sequence[str], name: str, env: dict | None = None) -> RoleProcess:
         full = {"PYTHONPATH": ROOT, "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", **(env or {})}
-        p = RoleProcess(guarded(cmd), name, env=full, cwd=ROOT)
+        p = RoleProcess(cmd, name, env=full, cwd=ROOT, guard=True)
         with self._lock:
             self.procs.append(p)
         return p

@@ -105,7 +105,7 @@ class Launch:
             self.say(line)
 
     def _start(self, name: str, cmd: list[str]) -> RoleProcess:
-        p = RoleProcess(cmd, name, env=self.env, sink=self._sink)
+        p = RoleProcess(cmd, name, env=self.env, sink=self._sink, guard=True)   # none outlives the launcher
         self.procs[name] = p
         return p
 

@@ -30,6 +30,21 @@ def bin_cmd(name: str, *args: str) -> list[str]:
     return [sys.executable, os.path.join(BIN, name), *args]
 
 
+# Run a command so that the kernel SIGTERMs it if its parent dies, even by SIGKILL or a crash
+# (prctl PR_SET_PDEATHSIG survives execve; strictly, it fires when the *thread* that started
+# the child ends, so start guarded children from a thread that lives as long as they should);
+# refuse to start if the parent is already gone.
+_GUARD = ("import ctypes, os, signal, sys\n"
+          "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))\n"
+          "if os.getppid() != int(sys.argv[1]): os._exit(3)\n"
+          "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def guarded(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run so that it gets SIGTERM when this process dies."""
+    return [sys.executable, "-c", _GUARD, str(os.getpid()), *cmd]
+
+
 class RoleFailed(ZPSError):
     """A role process exited before it was ready, or with an error."""
 
@@ -38,7 +53,8 @@ class RoleProcess:
     """One started role process."""
 
     def __init__(self, cmd: Sequence[str], name: str, env: dict | None = None,
-                 sink: Callable[[str], None] | None = None, cwd: str | None = None):
+                 sink: Callable[[str], None] | None = None, cwd: str | None = None, guard: bool = False):
+        """``guard``: the process gets SIGTERM if this one dies (see :func:`guarded`)."""
         self.name = name
         self.cmd = list(cmd)
         self._sink = sink
@@ -49,7 +65,7 @@ class RoleProcess:
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         full_env.update(env or {})
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(guarded(self.cmd) if guard else self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, text=True,
                                      bufsize=1, start_new_session=True)
         self.pid = self.proc.pid
