@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -44,6 +45,21 @@ def staleness_to_wire(s) -> int:
 
 def staleness_from_wire(v: int) -> int | float:
     return math.inf if v < 0 else v
+
+
+def check_timeout(timeout, what: str = "timeout", allow_none: bool = True) -> float | None:
+    """A wait's ``timeout``: None (the default, where ``allow_none``) or a finite number of seconds above 0.
+
+    Anything else (NaN, infinity, 0, a negative number, a string) raises
+    ``ValueError`` naming the value, before anything waits: ZeroMQ would wait
+    forever on a negative poll timeout, and NaN never compares.
+    """
+    if timeout is None and allow_none:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
+        raise ValueError(f"{what}: timeout must be {'None (the default) or ' if allow_none else ''}a finite "
+                         f"number of seconds above 0, got {timeout!r}")
+    return float(timeout)
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 import zmq
 
 from common import protocol as proto
-from common.config import JobSettings
+from common.config import JobSettings, check_timeout
 from common.errors import ClosedError, DeadlineExceeded, ProtocolError, remote_error
 from common.protocol import Message, MsgType
 from common.security import CurveKeys
@@ -33,8 +33,7 @@ VERSION = "0.1.0"
 def request_once(endpoint: str, msg_type: MsgType, header: dict | None = None, timeout: float = 10.0,
                  ctx: zmq.Context | None = None, secure=None) -> Message:
     """One request to any zps endpoint (server or coordinator) on a fresh socket."""
-    if not 0 < timeout < float("inf"):   # ZeroMQ would wait forever on a negative poll timeout
-        raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
+    check_timeout(timeout, f"{msg_type.name} to {endpoint}", allow_none=False)
     own = ctx is None
     ctx = ctx or zmq.Context()
     sock = ctx.socket(zmq.DEALER)

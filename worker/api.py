@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 from typing import Iterator
 
 import torch
 
-from common.config import ClientSettings, JobSettings
+from common.config import ClientSettings, JobSettings, check_timeout
 from common.control import CoordinatorLink
 from common.errors import ClosedError, ConfigError, DeadlineExceeded, ErrorCode, JobStopped, RemoteError, ZPSError
 from common.security import CurveKeys
@@ -183,8 +182,7 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
     url = coordinator or os.environ.get("ZPS_COORDINATOR", "")
     if not url:
         raise ConfigError("no coordinator: pass coordinator='tcp://HOST:PORT' or set ZPS_COORDINATOR")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
+    check_timeout(timeout, "join", allow_none=False)
     if rank is None:
         raw = os.environ.get("ZPS_WORKER_RANK", "-1")
         try:

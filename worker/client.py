@@ -45,7 +45,7 @@ import numpy as np
 import zmq
 
 from common import protocol as proto
-from common.config import ClientSettings
+from common.config import ClientSettings, check_timeout
 from common.errors import ClosedError, ConfigError, DeadlineExceeded, ErrorCode, ProtocolError, remote_error
 from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
@@ -60,17 +60,6 @@ _ZERO_COPY_MIN_BYTES = 1 << 16
 _WIRE_DTYPE = np.dtype("<f4")
 #: Clocks travel as signed 64-bit integers (docs/PROTOCOL.md).
 _CLOCK_RANGE = (-(1 << 63), (1 << 63) - 1)
-
-
-def _request_timeout(timeout, what: str) -> float | None:
-    """``timeout`` of a request: None (the default) or a finite number of seconds > 0."""
-    if timeout is None:
-        return None
-    if (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout)
-            or timeout <= 0):
-        raise ValueError(f"{what}: timeout must be None (the default) or a finite number of seconds > 0, "
-                         f"got {timeout!r}")
-    return float(timeout)
 
 
 def _wait_timeout(timeout, what: str) -> float | None:
@@ -288,7 +277,7 @@ class PSClient:
         if the client closes first.  A bad ``server`` or ``timeout`` raises
         before anything is sent.
         """
-        timeout = _request_timeout(timeout, "request")
+        timeout = check_timeout(timeout, "request")
         if type(server) is not int or not 0 <= server < len(self.endpoints):
             if isinstance(server, bool) or not isinstance(server, numbers.Integral):
                 raise TypeError(f"server must be an integer index into endpoints, got {server!r}")
@@ -367,7 +356,7 @@ class PSClient:
         ``clock`` (on a rejoin) is the clock this worker has reached: a server
         restored from an older checkpoint stops waiting for its lost updates.
         """
-        timeout = _request_timeout(timeout, "hello")
+        timeout = check_timeout(timeout, "hello")
         if plan.num_servers != len(self.endpoints):
             raise ValueError(f"plan is cut for {plan.num_servers} servers, client has {len(self.endpoints)}")
         head = {"w": self.worker_id, "inc": self.incarnation, "plan": plan.to_wire(), "ph": plan.hash}
@@ -383,7 +372,7 @@ class PSClient:
 
     def init(self, flat: np.ndarray, timeout: float | None = None) -> list[bool]:
         """Offer initial weights; the first offer a server sees wins. True where ours did."""
-        timeout = _request_timeout(timeout, "init")
+        timeout = check_timeout(timeout, "init")
         flat = self._flat(flat, "init")
         futs = []
         for k in range(len(self.endpoints)):
@@ -404,7 +393,7 @@ class PSClient:
         ``PushHandle.released()``.  ``flat_grad`` is a 1-D C-contiguous numpy
         float32 array of ``plan.total`` elements; it is never copied here.
         """
-        timeout = _request_timeout(timeout, "push")
+        timeout = check_timeout(timeout, "push")
         flat_grad = self._flat(flat_grad, "push")
         clock = _clock(clock)
         if read_steps is not None:
@@ -445,7 +434,7 @@ class PSClient:
         An ``observer`` pull (no HELLO needed; e.g. to export or inspect the
         weights) reads whatever the servers hold now and counts as no worker.
         """
-        timeout = _request_timeout(timeout, "pull")
+        timeout = check_timeout(timeout, "pull")
         clock = _clock(clock)
         t = self.settings.read_timeout if timeout is None else timeout
         head = {"w": self.worker_id, "clk": clock, "ph": self.plan.hash,
@@ -461,7 +450,7 @@ class PSClient:
 
     def clock(self, clock: int, timeout: float | None = None) -> list[int]:
         """Complete ``clock`` without a push; return each server's min_clock."""
-        timeout = _request_timeout(timeout, "clock")
+        timeout = check_timeout(timeout, "clock")
         clock = _clock(clock)
         futs = [self.request(k, MsgType.CLOCK, {"w": self.worker_id, "inc": self.incarnation, "clk": clock,
                                                 **self._to(k)}, timeout=timeout)
@@ -470,7 +459,7 @@ class PSClient:
 
     def server_stats(self, server: int, timeout: float | None = None) -> dict:
         """Server ``server``'s statistics (its STATS reply)."""
-        timeout = _request_timeout(timeout, "server_stats")
+        timeout = check_timeout(timeout, "server_stats")
         return self.request(server, MsgType.STATS, timeout=timeout).result(
             timeout or self.settings.request_timeout)["stats"]
 

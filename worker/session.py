@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import zmq
 
-from common.config import ClientSettings, staleness_from_wire
+from common.config import ClientSettings, check_timeout, staleness_from_wire
 from common.errors import ConfigError, ErrorCode, RemoteError, ZPSError
 from worker.binding import ModelBinding
 from worker.client import PSClient, PullHandle, PushHandle
@@ -81,7 +81,7 @@ class PSWorker:
 
         If that fails the client is closed (its thread and sockets with it).
         """
-        _check_timeout(timeout)
+        check_timeout(timeout)
         self.client.start()
         try:
             replies = self.client.hello(self.plan, timeout)
@@ -163,7 +163,7 @@ class PSWorker:
 
     def _read(self, timeout: float | None) -> ReadRecord:
         self._need_start()
-        _check_timeout(timeout)
+        check_timeout(timeout)
         self._raise_push_errors()
         c = self.clock
         t0 = time.monotonic()
@@ -265,17 +265,10 @@ class PSWorker:
     def fetch_weights(self, timeout: float | None = None) -> torch.Tensor:
         """Pull the newest weights regardless of staleness and install them."""
         self._need_start()
-        _check_timeout(timeout)
+        check_timeout(timeout)
         if self._pull is not None:
             self._take_pull(timeout)
         h = self.client.pull(-(1 << 62) if self.staleness != math.inf else 0, timeout)
         self._install(h, timeout)
         return self.binding.flat
 
-
-def _check_timeout(timeout: float | None) -> None:
-    """None (the settings' default) or a finite number of seconds above 0."""
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be None or a finite number of seconds above 0, got {timeout!r}")

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from common.config import check_timeout
 from common.control import request_once
 from common.errors import ZPSError
 from common.protocol import MsgType
@@ -32,12 +33,13 @@ def _secure(args):
 def _seconds(text: str) -> float:
     """A ``--timeout``: a finite number of seconds above 0 (every wait here is bounded)."""
     try:
-        v = float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
-    return v
+    try:
+        return check_timeout(value, "--timeout", allow_none=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _servers(args) -> list[str]:
