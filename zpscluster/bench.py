@@ -1431,7 +1431,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --train-threads must be >= 0", file=sys.stderr)
         return 2
     if opts.json:
-        why = json_path_problem(opts.json)
+        from common.cli import file_problem
+        why = file_problem(opts.json)   # checked before a run of minutes
         if why:
             print(f"error: --json {opts.json}: {why}", file=sys.stderr)
             return 2
@@ -1515,20 +1516,6 @@ def mem_available() -> int:
             return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:")), 0)
     except OSError:
         return 0
-
-
-def json_path_problem(path: str) -> str | None:
-    """Why ``--json PATH`` could not be written (checked before a run of minutes), or None."""
-    if os.path.isdir(path):
-        return "is a directory"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"folder {folder} does not exist"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"folder {folder} is not writable"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return "exists and is not writable"
-    return None
 
 
 def write_json(b: Bench, path: str, res: dict) -> bool:
