@@ -128,6 +128,9 @@ class ClientSettings:
             raise ConfigError(f"refresh must be 'eager' or 'lazy', got {self.refresh!r}")
         _positive("attempt_timeout", self.attempt_timeout)
         _positive("backoff_max", self.backoff_max)
+        for name in ("request_timeout", "read_timeout", "attempt_timeout", "heartbeat_interval", "backoff_max"):
+            if not math.isfinite(getattr(self, name)):   # every wait is bounded; infinity overflows the wire
+                raise ConfigError(f"{name} must be a finite number of seconds, got {getattr(self, name)!r}")
 
 
 def env_name(field: str) -> str:

@@ -46,7 +46,7 @@ import zmq
 
 from common import protocol as proto
 from common.config import ClientSettings, check_timeout
-from common.errors import ClosedError, ConfigError, DeadlineExceeded, ErrorCode, ProtocolError, remote_error
+from common.errors import ClosedError, DeadlineExceeded, ErrorCode, ProtocolError, remote_error
 from common.faults import FaultInjector, FaultSpec
 from common.plan import PartitionPlan, frame_slices
 from common.protocol import Message, MsgType
@@ -177,9 +177,6 @@ class PSClient:
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
             raise ValueError(f"worker_id must be a non-negative integer, got {worker_id!r}")
         settings = settings or ClientSettings()
-        for name in ("request_timeout", "read_timeout", "attempt_timeout", "heartbeat_interval", "backoff_max"):
-            if not math.isfinite(getattr(settings, name)):  # ClientSettings lets infinity through
-                raise ConfigError(f"{name} must be a finite number of seconds, got {getattr(settings, name)!r}")
         self.endpoints = list(endpoints)
         self.worker_id = worker_id
         self.incarnation = (int.from_bytes(os.urandom(4), "little") | 1) if incarnation is None else incarnation
