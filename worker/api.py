@@ -180,8 +180,6 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
     Blocks until every server has registered (at most ``timeout`` seconds).
     """
     url = coordinator or os.environ.get("ZPS_COORDINATOR", "")
-    if not url:
-        raise ConfigError("no coordinator: pass coordinator='tcp://HOST:PORT' or set ZPS_COORDINATOR")
     check_timeout(timeout, "join", allow_none=False)
     if rank is None:
         raw = os.environ.get("ZPS_WORKER_RANK", "-1")

@@ -1344,12 +1344,10 @@ def machine_info() -> dict:
     import numpy
     import torch
     import zmq
-    cpu, mem = "", 0
+    cpu, mem = "", meminfo("MemTotal")
     try:
         with open("/proc/cpuinfo") as fh:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-        with open("/proc/meminfo") as fh:
-            mem = next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemTotal")), 0)
     except OSError:
         pass
     try:
@@ -1437,7 +1435,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --json {opts.json}: {why}", file=sys.stderr)
             return 2
     if "bulk" in sections:
-        need, have = RUN_BASE_BYTES + BULK_BYTES_PER_ELEM * max(opts.sizes), mem_available()
+        need, have = RUN_BASE_BYTES + BULK_BYTES_PER_ELEM * max(opts.sizes), meminfo("MemAvailable")
         if have and need > have:
             print(f"error: a bulk run at {size_name(max(opts.sizes))} elements needs about {need / (1 << 30):.1f} "
                   f"GiB of memory (3 GiB of processes and {BULK_BYTES_PER_ELEM} bytes per element of the "
@@ -1509,11 +1507,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def mem_available() -> int:
-    """MemAvailable in bytes (0 where /proc/meminfo does not say)."""
+def meminfo(key: str) -> int:
+    """``key`` of /proc/meminfo (MemTotal, MemAvailable, ...) in bytes; 0 where it does not say."""
     try:
         with open("/proc/meminfo") as fh:
-            return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:")), 0)
+            return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith(key + ":")), 0)
     except OSError:
         return 0
 
