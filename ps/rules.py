@@ -50,6 +50,10 @@ class ApplyOnArrival:
     def rejoin_clock(self, w: int, start: int) -> int:
         return start
 
+    def waiting(self) -> frozenset:
+        """Workers that completed their clock and only wait for the others (none here)."""
+        return frozenset()
+
 
 class SyncAveraging:
     """BSP: average the gradients of one clock over the workers, one step per clock."""
@@ -120,6 +124,14 @@ class SyncAveraging:
             self.gate.advance(w, target)
         self._contributors.clear()
         self._ticked.clear()
+
+    def waiting(self) -> frozenset:
+        """Workers that completed the clock being accumulated and wait for the others.
+
+        Their clocks advance only when every live worker's have (one step per
+        clock), so the gate still counts them below; they hold nobody back.
+        """
+        return frozenset(self._ticked)
 
     def rejoin_clock(self, w: int, start: int) -> int:
         """Clock a rejoining worker starts at.

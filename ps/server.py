@@ -450,10 +450,17 @@ class ShardServer:
                             f"read at clock {clk} waited for initial weights until its deadline; "
                             "no worker has sent INIT")
                 continue
+            # under BSP a worker that completed the clock is still counted below it until
+            # all have: it waits with the reader and is not named as holding it back
+            waiting = self.rule.waiting() if self.rule is not None else frozenset()
+            blockers = [b for b in exp.blockers if b not in waiting]
+            done = sorted(waiting.intersection(exp.blockers))
             self._error(ident, rid, ErrorCode.STALE_TIMEOUT,
                         f"read at clock {clk} needs min_clock >= {exp.need} but min_clock is "
-                        f"{self.gate.min_clock}; held back by workers {list(exp.blockers)}",
-                        {"blockers": list(exp.blockers),
+                        f"{self.gate.min_clock}; held back by workers {blockers}"
+                        + (f" (workers {done} completed clock {self.gate.min_clock} and wait for them too)"
+                           if done else ""),
+                        {"blockers": blockers,
                          "need": None if math.isinf(exp.need) else int(exp.need),
                          "min_clock": self.gate.min_clock})
 

@@ -110,6 +110,22 @@ def test_a_read_past_its_deadline_fails_naming_the_worker_holding_it_back(make_s
     assert err.value.blockers == [1]
 
 
+def test_under_bsp_a_worker_that_completed_its_clock_is_not_named_as_holding_a_read_back(make_server, make_client):
+    srv = make_server(staleness=0, num_workers=2)
+    a, b = make_client(srv, 0), make_client(srv, 1)
+    plan = plan_of(64)
+    a.hello(plan)
+    b.hello(plan)
+    a.init(np.zeros(64, np.float32))
+    a.push(np.zeros(64, np.float32), 0).wait(10)   # held until worker 1 completes clock 0 too
+    with pytest.raises(StalenessTimeoutError) as err:
+        a.pull(1, timeout=0.3).wait(10)
+    assert err.value.blockers == [1]
+    assert "workers [0] completed clock 0" in str(err.value)
+    b.push(np.zeros(64, np.float32), 0).wait(10)
+    assert a.pull(1, timeout=5).wait(10)[0]["min_clock"] == 1
+
+
 def test_worker_session_records_staleness_and_serves_reads_from_its_cache(make_server):
     srv = make_server(staleness=3, lr=0.1)
     model = torch.nn.Linear(8, 2)
