@@ -49,10 +49,12 @@ class ProtocolError(ZPSError):
 
     code = ErrorCode.MALFORMED
 
-    def __init__(self, message: str, code: ErrorCode | None = None):
+    def __init__(self, message: str, code: ErrorCode | None = None, detail: dict | None = None):
         super().__init__(message)
         if code is not None:
             self.code = ErrorCode(code)
+        #: machine-readable detail, sent in the ERROR reply's ``detail`` when not empty
+        self.detail = dict(detail or {})
 
 
 class PlanMismatchError(ProtocolError):

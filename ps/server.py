@@ -488,7 +488,7 @@ class ShardServer:
         try:
             handler(self, ident, msg)
         except ProtocolError as exc:
-            self._error(ident, msg.rid, exc.code, str(exc))
+            self._error(ident, msg.rid, exc.code, str(exc), exc.detail or None)
         except ConfigError as exc:
             self._error(ident, msg.rid, ErrorCode.MALFORMED, str(exc))
         except Exception as exc:  # never let one request kill the server
@@ -561,9 +561,16 @@ class ShardServer:
         if inc is not None:
             known = self.ledger.incarnation(w)
             if known != inc:
+                if known is None:
+                    raise ProtocolError(f"worker {w} incarnation {inc} has not said HELLO to this server: "
+                                        "send HELLO first", ErrorCode.FENCED)
+                # another process said HELLO as this worker since: a restart, or two processes
+                # given the same worker id; the newest registration stands
                 raise ProtocolError(
-                    f"worker {w} incarnation {inc} is not the registered one ({known}): "
-                    "a restarted worker must send HELLO first", ErrorCode.FENCED)
+                    f"worker {w} is now registered by another process (incarnation {known}, not {inc}): "
+                    f"a newer process took worker id {w} over (a restart of this worker, or two workers "
+                    "started with the same id); this one must stop", ErrorCode.FENCED,
+                    {"superseded": True, "registered": known})
             if not self.gate.workers[w].live:
                 raise ProtocolError(
                     f"worker {w} was declared dead after {self.settings.worker_timeout:.1f}s of silence; "

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.config import ClientSettings, ServerSettings
-from common.errors import StalenessTimeoutError
+from common.errors import ErrorCode, RemoteError, StalenessTimeoutError
 from common.plan import PartitionPlan
 from common.protocol import MsgType
 from ps.server import ShardServer
@@ -144,6 +144,30 @@ def test_worker_session_records_staleness_and_serves_reads_from_its_cache(make_s
         assert srv.snapshot_stats()["pulls"] - pulls_before < len(recs)
     finally:
         pw.close()
+
+
+def test_two_workers_with_one_id_do_not_take_turns_the_older_one_stops(make_server):
+    """The newest HELLO holds the id; the process it replaced fails with a FENCED it does not
+    answer with a HELLO of its own (which would take the id back, and so on in turn)."""
+    srv = make_server(staleness="inf", num_workers=1)
+    settings = ClientSettings(frame_elems=64, heartbeat_interval=60)
+    old = PSWorker(torch.nn.Linear(4, 1), [srv.endpoint], 0, settings=settings).start()
+    new = PSWorker(torch.nn.Linear(4, 1), [srv.endpoint], 0, settings=settings).start()
+    try:
+        def step(pw):
+            pw.read(10); pw.zero_grad(); pw.model(torch.ones(2, 4)).sum().backward(); pw.push()
+            pw.flush(10)
+        step(new)
+        with pytest.raises(RemoteError) as err:
+            step(old)
+        assert err.value.code == ErrorCode.FENCED and err.value.detail["superseded"] is True
+        assert "took worker id 0 over" in str(err.value)
+        for _ in range(3):
+            step(new)
+        assert old.rejoins == 0 and new.rejoins == 0
+    finally:
+        old.close()
+        new.close()
 
 
 def test_a_fenced_worker_rejoins_at_the_current_min_clock(make_server):

@@ -155,7 +155,7 @@ class PSWorker:
             try:
                 return self._read(timeout)
             except RemoteError as exc:
-                if exc.code != ErrorCode.FENCED or attempt == 3:
+                if not _rejoinable(exc) or attempt == 3:
                     raise
                 self._pull = None
                 self._rejoin(exc)
@@ -237,7 +237,7 @@ class PSWorker:
             handle.wait(timeout)
             self.stats["pushes_acked"] += 1
         except RemoteError as exc:
-            if exc.code != ErrorCode.FENCED:
+            if not _rejoinable(exc):
                 raise
             self.stats["pushes_fenced"] += 1
             self._rejoin(exc)
@@ -272,3 +272,9 @@ class PSWorker:
         self._install(h, timeout)
         return self.binding.flat
 
+
+def _rejoinable(exc: RemoteError) -> bool:
+    """Whether saying HELLO again answers ``exc``: a FENCED for a server restart or a
+    declared death, not one saying that a newer process now holds this worker id (a
+    HELLO would take the id back from it, and the two would take turns)."""
+    return exc.code == ErrorCode.FENCED and not exc.detail.get("superseded")
