@@ -20,7 +20,7 @@ import zmq
 
 from common import protocol as proto
 from common.config import JobSettings, check_timeout
-from common.errors import ClosedError, DeadlineExceeded, ProtocolError, remote_error
+from common.errors import ClosedError, DeadlineExceeded, ProtocolError, ZPSError, remote_error
 from common.protocol import Message, MsgType
 from common.security import CurveKeys
 from common.transport import make_dealer
@@ -130,6 +130,17 @@ class CoordinatorLink:
     def done(self, result: dict | None = None, timeout: float | None = None) -> None:
         self.call(MsgType.DONE, {"role": self.role, "rank": self.rank, "inc": self.inc,
                                  "result": result or {}}, timeout)
+
+    def leave(self, why: str, timeout: float = 5.0) -> bool:
+        """Give the rank back after a failed start (best effort); whether the coordinator took it."""
+        if self.rank < 0 or self._closed:
+            return False
+        try:
+            return bool(self.call(MsgType.LEAVE, {"role": self.role, "rank": self.rank, "inc": self.inc,
+                                                  "why": why[:1000]}, timeout)["left"])
+        except (ZPSError, zmq.ZMQError) as exc:
+            log.warning("could not give rank %d back to coordinator %s: %s", self.rank, self.url, exc)
+            return False
 
     def status(self, timeout: float | None = None) -> dict:
         return self.call(MsgType.STATUS, {}, timeout)["status"]

@@ -39,7 +39,8 @@ REGISTER{role, want, inc, endpoint, host, pid, version} -> REGISTER_OK{rank, job
 ADDRESSES{[dl]} -> ADDRESSES_OK{servers} once every server registered;
 BARRIER{name, role, rank, [dl]} -> BARRIER_OK{members} once every live member arrived;
 BEAT{role, rank, inc} -> BEAT_OK{state, dead_workers}; DONE{role, rank, inc, result}
--> DONE_OK; STATUS -> STATUS_OK{status}.  ECHO{n} + n fp32 elements -> ECHO_OK{n, time}
+-> DONE_OK; STATUS -> STATUS_OK{status}; LEAVE{role, rank, inc, why} -> LEAVE_OK{left}
+(a worker whose start failed gives its rank back).  ECHO{n} + n fp32 elements -> ECHO_OK{n, time}
 + the same elements (servers and the coordinator; for round-trip, bandwidth and
 clock-skew checks; ``time`` is the answering host's Unix time).
 
@@ -98,6 +99,8 @@ class MsgType(enum.IntEnum):
     ECHO_OK = 33
     CHECKPOINT = 34
     CHECKPOINT_OK = 35
+    LEAVE = 36
+    LEAVE_OK = 37
     ERROR = 127
 
 
@@ -107,7 +110,7 @@ REQUEST_TYPES = frozenset({
     MsgType.HELLO, MsgType.INIT, MsgType.PUSH, MsgType.PULL, MsgType.CLOCK,
     MsgType.STATS, MsgType.SHUTDOWN, MsgType.HEARTBEAT, MsgType.REGISTER,
     MsgType.ADDRESSES, MsgType.BARRIER, MsgType.BEAT, MsgType.DONE, MsgType.STATUS, MsgType.ECHO,
-    MsgType.CHECKPOINT,
+    MsgType.CHECKPOINT, MsgType.LEAVE,
 })
 REPLY_TO = {
     MsgType.HELLO: MsgType.HELLO_OK, MsgType.INIT: MsgType.INIT_OK,
@@ -117,7 +120,7 @@ REPLY_TO = {
     MsgType.REGISTER: MsgType.REGISTER_OK, MsgType.ADDRESSES: MsgType.ADDRESSES_OK,
     MsgType.BARRIER: MsgType.BARRIER_OK, MsgType.BEAT: MsgType.BEAT_OK,
     MsgType.DONE: MsgType.DONE_OK, MsgType.STATUS: MsgType.STATUS_OK, MsgType.ECHO: MsgType.ECHO_OK,
-    MsgType.CHECKPOINT: MsgType.CHECKPOINT_OK,
+    MsgType.CHECKPOINT: MsgType.CHECKPOINT_OK, MsgType.LEAVE: MsgType.LEAVE_OK,
 }
 
 _U64 = (0, (1 << 64) - 1)
@@ -162,6 +165,8 @@ SCHEMA: dict[MsgType, dict[str, type]] = {
     MsgType.ECHO_OK: {"n": int, "time": float},
     MsgType.CHECKPOINT: {},
     MsgType.CHECKPOINT_OK: {"path": str, "step": int},
+    MsgType.LEAVE: {"role": str, "rank": int, "inc": int, "why": str},
+    MsgType.LEAVE_OK: {"left": bool},
     MsgType.ERROR: {"code": int, "msg": str},
 }
 #: Optional keys, checked like the required ones when present (docs/PROTOCOL.md).

@@ -361,6 +361,30 @@ class Coordinator:
         self._reply(ident, msg, {})
         self._advance(self._clock())
 
+    def _on_leave(self, ident: bytes, msg: Message) -> None:
+        """A worker whose start failed after it registered gives its rank back at once.
+
+        A rank this incarnation was the first to hold is free again, as if never
+        registered; one it took over from an earlier holder goes back to that
+        holder's state, declared dead. Either way nobody waits for its heartbeats
+        to stop, and a job whose only worker failed to start is not over.
+        """
+        role, rank, inc = msg["role"], msg["rank"], msg["inc"]
+        if role != "worker":
+            raise ProtocolError(f"only a worker can LEAVE (a {role}'s rank holds part of the job)")
+        m = self._member(role, rank)
+        left = m.registered and m.inc == inc and m.live and not m.done
+        if left:
+            log.info("worker %d (pid %d on %s) left before training: %s", rank, m.pid, m.host,
+                     msg["why"] or "no reason given")
+            if m.restarts:
+                m.live = False
+            else:
+                m.registered, m.inc, m.endpoint, m.host, m.pid = False, -1, "", "", 0
+            self._event("left", role, rank, why=msg["why"][:200])
+        self._reply(ident, msg, {"left": left})
+        self._advance(self._clock())
+
     def _on_status(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {"status": self.status()})
 
@@ -379,6 +403,7 @@ class Coordinator:
         MsgType.REGISTER: _on_register, MsgType.ADDRESSES: _on_addresses,
         MsgType.BARRIER: _on_barrier, MsgType.BEAT: _on_beat, MsgType.DONE: _on_done,
         MsgType.STATUS: _on_status, MsgType.SHUTDOWN: _on_shutdown, MsgType.ECHO: _on_echo,
+        MsgType.LEAVE: _on_leave,
     }
 
     def status(self) -> dict:

@@ -184,3 +184,75 @@ def test_a_job_shut_down_under_a_training_loop_raises_job_stopped(procs):
                     m(torch.ones(2, 4)).sum().backward()
                 steps += 1
     assert time.monotonic() - t0 < 10, f"the loop ran {time.monotonic() - t0:.1f}s after the shutdown"
+
+
+def test_a_join_that_fails_after_registering_gives_its_rank_back():
+    """The rank is free at once; the job neither waits for the failed process to be declared
+    dead nor ends when it is (it was the only worker)."""
+    from common.config import CoordinatorSettings, JobSettings
+    from common.control import CoordinatorLink, request_once
+    from common.protocol import MsgType
+    from ps.coordinator import Coordinator
+
+    now = {"t": 0.0}
+    coord = Coordinator(CoordinatorSettings(bind="tcp://127.0.0.1:0", reach_timeout=0,
+                                            job=JobSettings(num_servers=1, num_workers=1, worker_timeout=5)),
+                        clock=lambda: now["t"]).run_in_background()
+    server = CoordinatorLink(coord.endpoint, "server", timeout=10)
+    retry = CoordinatorLink(coord.endpoint, "worker", timeout=10)
+
+    def status():
+        request_once(coord.endpoint, MsgType.STATUS, timeout=10)   # the loop advances after answering
+        return request_once(coord.endpoint, MsgType.STATUS, timeout=10)["status"]
+    try:
+        server.register(0, "tcp://127.0.0.1:9")     # an address nobody serves: the worker's HELLO fails
+        with pytest.raises(ZPSError):
+            join(_model(), coord.endpoint, timeout=1)
+        st = status()
+        assert st["workers"][0]["registered"] is False
+        assert [e["event"] for e in st["events"] if e["role"] == "worker"] == ["registered", "left"]
+        now["t"] = 100.0                             # long past worker_timeout
+        st = status()
+        assert st["state"] == "running" and st["workers"][0]["live"] is True   # not declared dead
+        assert retry.register(0)[0] == 0             # granted at once, not parked
+    finally:
+        retry.close()
+        server.close()
+        coord.shutdown(5)
+
+
+def test_leave_gives_back_only_what_its_incarnation_holds():
+    from common.config import CoordinatorSettings, JobSettings
+    from common.control import CoordinatorLink, request_once
+    from common.errors import RemoteError
+    from common.protocol import MsgType
+    from ps.coordinator import Coordinator
+
+    now = {"t": 0.0}
+    coord = Coordinator(CoordinatorSettings(bind="tcp://127.0.0.1:0", reach_timeout=0,
+                                            job=JobSettings(num_servers=1, num_workers=2, worker_timeout=5)),
+                        clock=lambda: now["t"]).run_in_background()
+    links = [CoordinatorLink(coord.endpoint, role, timeout=10) for role in ("server", "worker", "worker")]
+    server, first, second = links
+
+    def workers():
+        request_once(coord.endpoint, MsgType.STATUS, timeout=10)   # the loop advances after answering
+        return request_once(coord.endpoint, MsgType.STATUS, timeout=10)["status"]["workers"]
+    try:
+        server.register(0, "tcp://127.0.0.1:9")
+        first.register(0)
+        now["t"] = 100.0     # worker 1 never registered: the job is not over when worker 0 is lost
+        assert workers()[0]["live"] is False           # first stopped beating: declared dead
+        assert second.register(0)[0] == 0              # a restart takes rank 0 over
+        assert first.leave("late") is False            # not the holder any more: no effect
+        assert workers()[0]["live"] is True
+        assert second.leave("its start failed") is True
+        w = workers()[0]
+        assert w["registered"] is True and w["live"] is False and w["restarts"] == 1   # dead again
+        assert second.leave("again") is False
+        with pytest.raises(RemoteError, match="only a worker can LEAVE"):
+            server.call(MsgType.LEAVE, {"role": "server", "rank": 0, "inc": server.inc, "why": ""})
+    finally:
+        for link in links:
+            link.close()
+        coord.shutdown(5)

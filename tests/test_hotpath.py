@@ -247,7 +247,8 @@ GOOD_VALUES = {
     "seq": 0, "clk": 0, "tick": True, "dup": False, "stats": {}, "role": "worker", "want": 0,
     "endpoint": "tcp://127.0.0.1:1", "host": "h", "pid": 1, "version": "1", "job": {},
     "servers": [], "name": "b", "members": [], "state": "running", "dead_workers": [],
-    "result": {}, "status": {}, "time": 0.0, "path": "/p", "code": 1, "msg": "m",
+    "result": {}, "status": {}, "time": 0.0, "path": "/p", "code": 1, "msg": "m", "why": "w",
+    "left": True,
 }
 EDGE_VALUES = [0, 1, -1, (1 << 63) - 1, 1 << 63, -(1 << 63), (1 << 64) - 1,   # all msgpack holds
                True, False, 1.5, 0.0, "x", b"x", None, [], {}, [1], {"a": 1}]

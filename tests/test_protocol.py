@@ -85,6 +85,8 @@ HEADERS: dict[MsgType, dict] = {
     MsgType.ECHO_OK: {"rid": 15, "n": N, "time": 1_790_000_000.25},
     MsgType.CHECKPOINT: {"rid": 16},
     MsgType.CHECKPOINT_OK: {"rid": 16, "path": "/ckpt/server-0/ckpt-000000000120-000003", "step": 120},
+    MsgType.LEAVE: {"rid": 17, "role": "worker", "rank": 1, "inc": 5, "why": "DeadlineExceeded: no server"},
+    MsgType.LEAVE_OK: {"rid": 17, "left": True},
     MsgType.ERROR: {"rid": 4, "code": int(ErrorCode.STALE_TIMEOUT),
                     "msg": "read at clock 6 not served within 30000 ms",
                     "detail": {"blockers": [0, 2]}},

@@ -210,7 +210,10 @@ def join(model: torch.nn.Module, coordinator: str | None = None, rank: int | Non
         cs = dataclasses.replace(cs, curve_keys=curve_keys)
         pw = PSWorker(model, servers, got, settings=cs, incarnation=link.inc)
         pw.start(timeout)
-    except BaseException:
+    except BaseException as exc:
+        # registered but not started: give the rank back now rather than when the
+        # coordinator declares this process dead (which would end a one-worker job)
+        link.leave(f"{type(exc).__name__}: {exc}")
         link.close()
         raise
     log.info("worker %d of %d joined (%d servers, staleness %s)", got, job.num_workers, len(servers), pw.staleness)
