@@ -117,7 +117,7 @@ def test_waiting_on_a_handle_refuses_a_timeout_that_is_not_a_finite_number(joine
     assert h.wait(10)[0]["step"] == 1
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, None], ids=repr)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, None, 0, -1.0, "5"], ids=repr)
 def test_close_refuses_a_timeout_that_is_not_a_finite_number_and_stays_usable(joined, bad):
     with pytest.raises(ValueError, match="close"):
         joined.close(bad)

@@ -244,8 +244,7 @@ class PSClient:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the background thread (pending requests fail with ClosedError) and close sockets."""
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout):
-            raise ValueError(f"close: timeout must be a finite number of seconds, got {timeout!r}")
+        timeout = check_timeout(timeout, "close", allow_none=False)
         if self._closed:
             return
         self._closed = True
