@@ -382,7 +382,8 @@ class WorkerSettings:
     rank: int = setting(-1, "worker rank to ask for (-1: any free rank; a restarted worker asks for its old one)")
     workload: str = setting("", "built-in workload to train (default: the job's)")
     out: str = setting("", "folder for this worker's metrics (metrics-w<rank>.jsonl) and results")
-    save: str = setting("", "rank 0 writes the trained model's state_dict here at the end")
+    save: str = setting("", "worker 0 (or the lowest live rank, if worker 0 was lost) writes the trained "
+                            "model's state_dict here at the end")
     progress: str = setting("auto", "progress display: auto (a bar on a terminal, lines otherwise), bar, lines, off")
     device: str = setting("cpu", "torch device for the model: cpu, cuda, cuda:N")
     register_timeout: float = setting(300.0, "seconds to wait for the coordinator and every server")

@@ -136,16 +136,27 @@ def _kill_when_progressed(l, out, rank, clocks, timeout=120):
     return pid
 
 
-def test_a_worker_killed_mid_run_is_recorded_and_the_others_finish(launcher, tmp_path):
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_worker_killed_mid_run_is_recorded_and_the_others_finish(launcher, tmp_path, rank):
+    """Worker 0 too: the lowest live rank then fetches, evaluates and saves the final model."""
+    save = tmp_path / "model.pt"
     l = launcher("--workload", "linreg", "--servers", "2", "--workers", "3", "--staleness", "1",
-                 "--steps", "400", "--worker-timeout", "3", "--heartbeat-interval", "0.5", out=tmp_path)
-    _kill_when_progressed(l, tmp_path, 1, 20)
+                 "--steps", "400", "--worker-timeout", "3", "--heartbeat-interval", "0.5",
+                 "--save", str(save), out=tmp_path)
+    _kill_when_progressed(l, tmp_path, rank, 20)
     assert l.wait(240) == 0, l.lines[-20:]
     s = summary_of(tmp_path)
-    assert [x["rank"] for x in s["lost_workers"]] == [1]
+    assert [x["rank"] for x in s["lost_workers"]] == [rank]
     rows = metrics_of(tmp_path)
-    assert max(r["clock"] for r in rows if r["worker"] == 0) == 399
-    assert max(r["clock"] for r in rows if r["worker"] == 1) < 399
+    survivor = 1 - rank
+    assert max(r["clock"] for r in rows if r["worker"] == survivor) == 399
+    assert max(r["clock"] for r in rows if r["worker"] == rank) < 399
+    assert s["saved"] == str(save) and s["eval_metric"]["value"] < 0.2
+    from worker.workloads import get_workload
+    wl = get_workload("linreg", seed=0)
+    model = wl.build_model()
+    model.load_state_dict(torch.load(save))
+    assert wl.evaluate(model) == pytest.approx(s["eval_metric"]["value"], abs=1e-9)
 
 
 def test_a_restarted_worker_rejoins_and_finishes(launcher, tmp_path):

@@ -51,6 +51,8 @@ class Session:
         self._finished = False
         self._finishing = False
         self._met = False      # the "finished" barrier is behind us (a retried finish skips it)
+        #: the live workers that met at the "finished" barrier (None until then, or if it failed)
+        self.finished_with: list[int] | None = None
         self._stopped_at: int | None = None   # the clock at which the job was shut down under us
 
     @property
@@ -122,14 +124,26 @@ class Session:
         yield rec
         self.push()
 
+    @property
+    def finalizer(self) -> bool:
+        """Whether this worker is the one to fetch and save the final weights.
+
+        The lowest rank among the live workers that met at the "finished"
+        barrier (so a job whose worker 0 was lost still saves its model);
+        worker 0 before the barrier, or if it failed.
+        """
+        met = self.finished_with
+        return self.rank == (min(met) if met else 0)
+
     def finish(self, result: dict | None = None, timeout: float | None = None,
                before_done=None) -> None:
         """Wait for outstanding pushes, meet the other workers, report done.
 
         ``before_done()`` runs after every worker arrived and before this one
         reports done (the servers stay up until every worker reported), e.g.
-        to fetch and save the final weights.  If it raises (a push not
-        acknowledged in time, say), calling it again takes up where it failed.
+        to fetch and save the final weights (on the :attr:`finalizer` only).
+        If it raises (a push not acknowledged in time, say), calling it again
+        takes up where it failed.
         """
         if self._finished:
             return
@@ -140,7 +154,7 @@ class Session:
         self.worker.flush(t)
         if not self._met:
             try:
-                self.link.barrier("finished", t)
+                self.finished_with = self.link.barrier("finished", t)
             except ZPSError as exc:
                 log.warning("worker %d: finish barrier failed: %s", self.rank, exc)
             self._met = True

@@ -128,7 +128,7 @@ def run_builtin(settings: WorkerSettings) -> int:
     print_ready("worker", session.rank, "", pid=os.getpid(), servers=session.worker.client.endpoints,
                 clock=session.clock)
     try:
-        train_workload(session, workload, settings.out, settings.save if session.rank == 0 else "",
+        train_workload(session, workload, settings.out, settings.save,
                        settings.progress)
     except KeyboardInterrupt:
         log.warning("worker %d interrupted at clock %d", session.rank, session.clock)

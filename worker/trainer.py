@@ -3,8 +3,9 @@
 Writes one JSON record per iteration to ``metrics-w<rank>.jsonl`` (worker,
 clock, loss, time, read_staleness, wait_seconds, compute_seconds,
 delay_seconds), plus evaluation records from worker 0 (``eval``,
-``eval_loss``).  At the end worker 0 fetches the final weights, evaluates
-them, optionally saves the ``state_dict``, and writes ``final.json``.
+``eval_loss``).  At the end worker 0 (or, if it was lost, the lowest live
+rank: ``Session.finalizer``) fetches the final weights, evaluates them,
+optionally saves the ``state_dict``, and writes ``final.json``.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def train_workload(session: Session, workload, out_dir: str = "", save: str = ""
               **totals, "client": dict(session.worker.client.stats)}
 
     def final_step():
-        if rank == 0:
+        if session.finalizer:   # worker 0, or the lowest live rank if worker 0 was lost
             result["final"] = finalize(session, workload, out_dir, save)
 
     session.finish({k: v for k, v in result.items() if k != "client"}, before_done=final_step)
@@ -81,7 +82,7 @@ def train_workload(session: Session, workload, out_dir: str = "", save: str = ""
 
 
 def finalize(session: Session, workload, out_dir: str, save: str) -> dict:
-    """Fetch the final weights from the servers, evaluate, save; worker 0 only."""
+    """Fetch the final weights from the servers, evaluate, save; the session's finalizer only."""
     w = session.worker
     w.fetch_weights(session.job.read_timeout)
     final = {"metric": workload.metric_name, "value": float(workload.evaluate(session.model)),

@@ -124,7 +124,7 @@ class Launch:
         a = self.args
         cmd = bin_cmd("ps-worker", "--coordinator", self.coordinator_url, "--rank", str(rank),
                       "--out", a.out, "--progress", "lines" if rank == 0 else "off")
-        if a.save and rank == 0:
+        if a.save:   # worker 0 saves, or the lowest live rank if worker 0 was lost
             cmd += ["--save", a.save]
         self.worker_state[rank] = "running"
         return self._start(f"worker{rank}", cmd)
