@@ -129,3 +129,37 @@ def test_a_burst_of_stop_signals_stops_a_server_without_a_deadlock(procs):
             except ProcessLookupError:
                 break
         assert p.wait(20) == 0, p.tail(10)
+
+
+@pytest.mark.slow
+def test_a_worker_whose_server_died_stops_within_seconds_of_sigterm(procs):
+    """Its unacknowledged pushes are waited for briefly, not for the 10 s of a normal close."""
+    coord = procs.start(bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0", "--num-servers", "1",
+                                "--num-workers", "1", "--workload", "linreg", "--steps", "100000",
+                                "--staleness", "inf"), "coordinator")
+    cep = coord.wait_ready(60)["endpoint"]
+    server = procs.start(bin_cmd("ps-server", "--coordinator", cep, "--bind", "tcp://127.0.0.1:0"), "server0")
+    server.wait_ready(60)
+    worker = procs.start(bin_cmd("ps-worker", "--coordinator", cep, "--progress", "off"), "worker0")
+    worker.wait_ready(60)
+    server.signal(signal.SIGKILL)
+    assert server.wait(15) == -signal.SIGKILL
+    t0 = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    worker.signal(signal.SIGTERM)          # a second one must not break the clean-up
+    assert worker.wait(15) == 130, worker.tail(10)
+    took = time.monotonic() - t0
+    assert took < 6, f"the worker took {took:.1f}s to stop"
+    assert "Traceback" not in worker.tail(40), worker.tail(40)
+
+
+def test_a_worker_refuses_a_device_this_torch_cannot_use(procs):
+    coord = procs.start(bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0", "--num-servers", "1",
+                                "--num-workers", "1", "--workload", "linreg"), "coordinator")
+    cep = coord.wait_ready(60)["endpoint"]
+    devices = ["tpu"] + ([] if __import__("torch").cuda.is_available() else ["cuda"])
+    for dev in devices:
+        out = subprocess.run(bin_cmd("ps-worker", "--coordinator", cep, "--device", dev),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and f"--device '{dev}'" in out.stderr, out.stderr[-500:]
+        assert "Traceback" not in out.stderr

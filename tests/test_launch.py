@@ -230,3 +230,23 @@ def test_no_role_outlives_a_launcher_killed_with_sigkill(tmp_path):
         if launch.poll() is None:
             launch.kill()
             launch.wait(10)
+
+
+def test_a_launcher_interrupted_twice_after_its_server_died_stops_every_role_within_seconds(launcher, tmp_path):
+    """Workers stuck on a dead server stop together, in about 2 s, not 10 s one after another; the
+    second Ctrl-C does not break the stop half way."""
+    l = launcher("--workload", "linreg", "--servers", "1", "--workers", "2", "--staleness", "inf",
+                 "--steps", "1000000", out=tmp_path)
+    line = l.wait_for(lambda x: x.startswith("[server0] READY"), 120)
+    server_pid = json.loads(line.split("READY ", 1)[1])["pid"]
+    for rank in (0, 1):
+        l.wait_for(lambda x, r=rank: x.startswith(f"[worker{r}] READY"), 120)
+    os.kill(server_pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    os.kill(l.proc.pid, signal.SIGINT)
+    l.wait_for(lambda x: "interrupted" in x, 30)
+    os.kill(l.proc.pid, signal.SIGINT)
+    assert l.wait(30) == 130, l.lines[-20:]
+    took = time.monotonic() - t0
+    assert took < 8, f"stopping took {took:.1f}s: {l.lines[-10:]}"
+    assert not any("Traceback" in x for x in l.lines), "\n".join(l.lines)

@@ -54,6 +54,7 @@ class Session:
         #: the live workers that met at the "finished" barrier (None until then, or if it failed)
         self.finished_with: list[int] | None = None
         self._stopped_at: int | None = None   # the clock at which the job was shut down under us
+        self._interrupted = False             # interrupt() was called (a stop signal)
 
     @property
     def world_size(self) -> int:
@@ -97,13 +98,28 @@ class Session:
         return JobStopped(f"the job was shut down (ps-ctl shutdown) while worker {self.rank} was at clock "
                           f"{self._stopped_at}, before its {self.steps or 'last'} steps were done")
 
+    def interrupt(self) -> None:
+        """Stop the training loop from another thread (a stop signal's watcher).
+
+        Whatever the loop waits on from the servers ends now, and its next
+        ``read``, ``push`` or ``step`` raises ``KeyboardInterrupt``, even where
+        the signal's own ``KeyboardInterrupt`` was lost (raised inside code
+        that swallowed it). Pushes already sent are not waited for.
+        """
+        self._interrupted = True
+        self.worker.client.close()
+
     def _call(self, fn, *args):
         """``fn(*args)``, with the errors of a job shut down under us told as ``JobStopped``."""
+        if self._interrupted:
+            raise KeyboardInterrupt
         if self._stopped_at is not None:
             raise self._job_stopped()
         try:
             return fn(*args)
         except (ClosedError, DeadlineExceeded, RemoteError) as exc:
+            if self._interrupted:
+                raise KeyboardInterrupt from exc
             if isinstance(exc, RemoteError) and exc.code != ErrorCode.SHUTTING_DOWN:
                 raise
             if self._stopped_at is None and not isinstance(exc, ClosedError):
@@ -163,10 +179,11 @@ class Session:
         self.link.done(result or {"clock": self.clock})
         self._finished = True
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout`` seconds) for unacknowledged pushes, then disconnect."""
         try:
-            if self._stopped_at is None:
-                self.worker.close()
+            if self._stopped_at is None and not self._interrupted:
+                self.worker.close(timeout)
             else:   # the servers are gone: nothing left to wait for
                 self.worker.client.close()
         finally:

@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 from common.cli import (add_common, add_settings, fail, file_problem, folder_problem, load_job, print_ready,
                         settings_from_args, setup_logging)
 from common.config import WorkerSettings
-from common.errors import EXIT_JOB_STOPPED, ConfigError, JobStopped, ZPSError
+from common.errors import EXIT_JOB_STOPPED, ClosedError, ConfigError, JobStopped, ZPSError
 
 
 def worker_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,11 @@ def worker_main(argv: list[str] | None = None) -> int:
     if command:
         return run_script(settings, command)
     setup_logging(ns.log_level, f"worker[{settings.rank if settings.rank >= 0 else '?'}]")
-    return run_builtin(settings)
+    try:
+        return run_builtin(settings)
+    except KeyboardInterrupt:   # a stop signal before training began (what began is closed)
+        sys.stderr.write("ps-worker: interrupted before training began\n")
+        return 130
 
 
 def run_script(settings: WorkerSettings, command: list[str]) -> int:
@@ -84,9 +89,15 @@ def run_builtin(settings: WorkerSettings) -> int:
 
     log = logging.getLogger("zps.worker")
     stopping = {"flag": False}
+    stop = threading.Event()   # a watcher thread interrupts the session once it exists
 
     def on_signal(signum, _frame):
+        if stopping["flag"]:   # already stopping: a second signal must not break the clean-up
+            return
         stopping["flag"] = True
+        stop.set()
+        # fast path; the watcher covers a KeyboardInterrupt raised inside code that swallows it
+        # (an import running when the signal came did, and the loop went on waiting)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -119,27 +130,52 @@ def run_builtin(settings: WorkerSettings) -> int:
     except ValueError as exc:
         return fail(str(exc))
     torch.manual_seed(job.get("seed", 0))
-    model = workload.build_model().to(settings.device)
+    try:
+        device = torch.device(settings.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("this torch build or machine has no CUDA device "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        model = workload.build_model().to(device)
+    except (RuntimeError, AssertionError) as exc:   # torch asserts on a CPU-only build
+        return fail(f"--device {settings.device!r}: {exc}")
     try:
         session = join(model, settings.coordinator, settings.rank, timeout=settings.register_timeout,
                        curve_keys=settings.curve_keys)
     except (ZPSError, OSError) as exc:
         return fail(f"cannot join the job: {exc}", 1)
-    print_ready("worker", session.rank, "", pid=os.getpid(), servers=session.worker.client.endpoints,
-                clock=session.clock)
+
+    def interrupt_when_stopped() -> None:
+        stop.wait()
+        session.interrupt()
+    threading.Thread(target=interrupt_when_stopped, name="zps-stop", daemon=True).start()
+
+    def close_after_failure() -> None:
+        # the run is over either way: wait briefly for pushes in flight (a stop signal must
+        # end the process within seconds, a dead server never answers), and let nothing
+        # raised while closing hide why it ended
+        try:
+            session.close(timeout=2.0)
+        except ClosedError:   # closed already (a stop signal's watcher): nothing left to wait for
+            pass
+        except (ZPSError, OSError) as exc:
+            log.warning("worker %d: closing: %s", session.rank, exc)
+
     try:
+        print_ready("worker", session.rank, "", pid=os.getpid(), servers=session.worker.client.endpoints,
+                    clock=session.clock)
         train_workload(session, workload, settings.out, settings.save,
                        settings.progress)
     except KeyboardInterrupt:
         log.warning("worker %d interrupted at clock %d", session.rank, session.clock)
-        session.close()
+        close_after_failure()
         return 130
     except ZPSError as exc:
-        session.close()
         if isinstance(exc, JobStopped) or session._stopped_at is not None:
             log.warning("worker %d stopped at clock %d: the job was shut down", session.rank, session.clock)
+            close_after_failure()
             return EXIT_JOB_STOPPED
         log.error("worker %d failed at clock %d: %s", session.rank, session.clock, exc)
+        close_after_failure()
         return 1
     session.close()
     return 0

@@ -202,6 +202,7 @@ class PSClient:
         self._kick = threading.Event()                     # wakes the background thread
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._close_lock = threading.Lock()
         self._heartbeat_on = False
         self.stats = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "late_replies": 0,
                       "pushes": 0, "pulls": 0, "retries": 0, "send_blocked": 0}
@@ -245,9 +246,10 @@ class PSClient:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the background thread (pending requests fail with ClosedError) and close sockets."""
         timeout = check_timeout(timeout, "close", allow_none=False)
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:   # close may come from two threads (a stop signal's watcher)
+            if self._closed:
+                return
+            self._closed = True
         if self._thread is not None:
             self._kick.set()
             self._thread.join(timeout)

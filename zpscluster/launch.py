@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -246,12 +247,31 @@ class Launch:
         return all(s in ("finished", "lost", "stopped") for s in self.worker_state.values()) and \
             len(self.worker_state) == self.args.workers
 
-    def stop_all(self) -> None:
-        order = sorted(self.procs.items(), key=lambda kv: (not kv[0].startswith("worker"),
-                                                           kv[0] == "coordinator"))
-        for name, p in order:
-            if p.poll() is None:
-                p.stop(timeout=10)
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """Stop the workers, then the servers, then the coordinator: each group at once.
+
+        Every member of a group gets SIGTERM together and the group gets
+        ``timeout`` seconds in all before SIGKILL. Further stop signals are
+        ignored meanwhile: the stop is bounded, and a second Ctrl-C would only
+        break it half way.
+        """
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+        groups = [[p for n, p in self.procs.items() if n.startswith("worker")],
+                  [p for n, p in self.procs.items() if n.startswith("server")],
+                  [p for n, p in self.procs.items() if n == "coordinator"]]
+        for group in groups:
+            running = [p for p in group if p.poll() is None]
+            for p in running:
+                p.signal(signal.SIGTERM)
+            end = time.monotonic() + timeout
+            for p in running:
+                try:
+                    p.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.say(f"[launch] {p.name} did not stop within {timeout:.0f}s after SIGTERM; killing it")
+                    p.kill()
 
 
 def write_summary(args, launch: Launch, wall: float) -> dict:
@@ -341,7 +361,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"error: {exc}\n")
             return 2
     launch = Launch(args)
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stopping: list[int] = []
+
+    def on_signal(signum, _frame):
+        if stopping:   # the first one is stopping every role: a second must not cut that short
+            return
+        stopping.append(signum)
+        raise KeyboardInterrupt
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     return launch.run()
 
 
