@@ -1,11 +1,15 @@
 """ps-experiment: manifest parsing, the grid, time-to-target, aggregation, findings (pure), and one
 small grid end to end (slow: real ps-launch jobs)."""
 import csv
+import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
+import uuid
 
 import pytest
 
@@ -77,6 +81,26 @@ def test_bad_manifest_values_name_the_key_and_the_value(values, words):
     assert words in str(err.value)
 
 
+def test_seeds_are_a_count_or_an_explicit_list_even_of_one_seed():
+    assert parse_manifest({"workload": "mf", "seeds": "7"}).seeds == tuple(range(7))
+    assert parse_manifest({"workload": "mf", "seeds": 7}).seeds == tuple(range(7))
+    assert parse_manifest({"workload": "mf", "seeds": "7,"}).seeds == (7,)
+    assert parse_manifest({"workload": "mf", "seeds": "7,9"}).seeds == (7, 9)
+    assert parse_manifest({"workload": "mf", "seeds": [7]}).seeds == (7,)
+    with pytest.raises(ManifestError, match="seeds: '7,,' has an empty value"):
+        parse_manifest({"workload": "mf", "seeds": "7,,"})
+
+
+def test_a_whole_float_staleness_bound_is_that_integer(tmp_path):
+    f = tmp_path / "grid.toml"
+    f.write_text('workload = "mf"\nstaleness = [0, 3.0, "inf"]\n')
+    assert parse_manifest(ex.load_manifest_file(str(f))).staleness == ("0", "3", "inf")
+    with pytest.raises(ManifestError, match="staleness: 2.5 is not a staleness bound"):
+        parse_manifest({"workload": "mf", "staleness": [2.5]})
+    with pytest.raises(ManifestError, match="staleness: -1.0 is not a staleness bound"):
+        parse_manifest({"workload": "mf", "staleness": [-1.0]})
+
+
 def test_a_toml_manifest_is_read_and_bad_toml_is_a_clear_error(tmp_path):
     good = tmp_path / "grid.toml"
     good.write_text('workload = "mf"\nstaleness = [0, 8, "inf"]\nstraggler = ["none", "0:3"]\n'
@@ -110,6 +134,14 @@ def test_the_resolved_manifest_reads_back_as_the_same_grid(tmp_path):
     assert back.target == m.target and back.eval_every == 5
 
 
+def test_the_written_manifest_alone_reproduces_the_experiment_in_the_same_folder(tmp_path):
+    m = parse_manifest({"workload": "mf,linreg", "staleness": "0,inf", "seeds": "3,5", "target": "mf=0.4,linreg=0.2",
+                        "name": 'grid "one"', "out": str(tmp_path / "exp"), "timeout": 90})
+    (tmp_path / "m.toml").write_text(ex.manifest_toml(m))
+    back = parse_manifest(ex.load_manifest_file(str(tmp_path / "m.toml")))
+    assert back == m
+
+
 # ------------------------------------------------------------------ grid
 def test_the_grid_is_the_product_with_seeds_varying_fastest():
     m = parse_manifest({"workload": "linreg", "staleness": "0,inf", "workers": "2,4", "seeds": 3})
@@ -119,6 +151,23 @@ def test_the_grid_is_the_product_with_seeds_varying_fastest():
     ids = [c.cell_id for c in cells]
     assert len(set(ids)) == len(ids)
     assert ids == [c.cell_id for c in ex.grid(m)], "cell ids must be stable across reruns"
+
+
+def test_the_cell_id_changes_with_every_setting_that_changes_the_run():
+    base = {"workload": "linreg", "workers": 2, "staleness": "0", "steps": 30}
+
+    def cell_id(**changes):
+        return ex.grid(parse_manifest({**base, **changes}))[0].cell_id
+
+    assert cell_id() == "linreg-S1-W2-s0-none-default-seed0-6315854e", "runs at the trainer's interval keep their ids"
+    assert cell_id(eval_every=5) != cell_id()
+    assert cell_id(eval_every=5) != cell_id(eval_every=10)
+    assert cell_id(eval_every=5) == cell_id(eval_every=5)
+    for key, value in (("batch_size", 64), ("lr", 0.1), ("optimizer", "sgd:momentum=0.9"),
+                       ("optimizer", "adam:weight_decay=0.01"), ("dc_lambda", 0.1), ("staleness_lr", True),
+                       ("steps", 31), ("servers", 2), ("straggler", "0:3"), ("seeds", "1,")):
+        assert cell_id(**{key: value}) != cell_id(), key
+    assert cell_id(timeout=60, target=0.1) == cell_id(), "neither changes what a run does"
 
 
 def test_an_optimizer_with_its_own_lr_ignores_the_lr_axis():
@@ -235,6 +284,21 @@ def test_findings_rank_by_seeds_reached_before_time():
     assert "BSP itself ranked first" in text
 
 
+def test_findings_name_the_clocks_per_worker_of_the_per_iteration_comparison():
+    agg = summary_rows({"0": 4.0, "3": 2.0, "inf": 3.0})      # 400 iterations by 4 workers
+    text = "\n".join(ex.findings(agg, ["staleness"], {"mf": False}))
+    assert "After the same 100 clocks per worker (400 iterations in all) the final rmse" in text
+
+
+def test_findings_keep_the_other_findings_when_no_bound_reaches_the_target():
+    agg = summary_rows({"0": "", "3": "", "inf": ""}, finals={"0": 0.3, "3": 0.35, "inf": 0.45})
+    text = "\n".join(ex.findings(agg, ["staleness"], {"mf": False}))
+    assert "no bound reached the target rmse 0.5 in any seed" in text
+    assert "the final rmse (lower is better) was s=0: 0.3000, s=3: 0.3500, s=inf: 0.4500" in text
+    assert "Share of the workers' training time spent waiting for the bound" in text
+    assert "reached the target first but" not in text
+
+
 def test_findings_say_when_the_curve_is_not_u_shaped_and_when_bsp_never_reaches():
     agg = summary_rows({"0": "", "3": 6.0, "inf": 4.0})
     text = "\n".join(ex.findings(agg, ["staleness"], {"mf": False}))
@@ -263,6 +327,177 @@ def test_findings_rank_the_cost_of_staleness_per_optimizer():
     assert "Cost of staleness by optimizer" in text
     assert "sgd: s=8 +0.0200; adam: s=8 +0.2000" in text
     assert "adam suffered most and sgd least" in text
+
+
+def test_the_cost_of_staleness_is_ranked_by_its_mean_over_the_stale_bounds():
+    rows = []
+    for opt, finals in (("sgd", (0.40, 0.70, 0.40)), ("adam", (0.40, 0.50, 0.50))):
+        for s, f in zip(("0", "3", "inf"), finals):
+            r = run_row(s, 0, 1.0, f)
+            r["optimizer"] = opt
+            rows.append(r)
+    text = "\n".join(ex.findings(ex.aggregate(rows), ["staleness", "optimizer"], {"mf": False}))
+    # at the largest bound adam lost more (0.1 against 0); on average over s=3 and inf sgd did (0.15 against 0.1)
+    assert "Averaged over the stale bounds, sgd suffered most and adam least" in text
+
+
+# ------------------------------------------------------------------ report and plots
+def two_workload_rows():
+    rows = []
+    for wl, metric in (("mf", "rmse"), ("linreg", "weight_distance")):
+        for s in ("0", "inf"):
+            r = run_row(s, 0, 1.0 if s == "0" else "", 0.4)
+            r.update(workload=wl, metric=metric, cell_id=f"{wl}-s{s}")
+            rows.append(r)
+    return rows
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures make_plots saves, by file name, kept open instead of written."""
+    from matplotlib.figure import Figure
+    figs = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: figs.__setitem__(os.path.basename(path), fig))
+    return figs
+
+
+def test_each_workload_of_a_grid_is_labelled_with_its_own_metric(tmp_path, saved_figures):
+    m = parse_manifest({"workload": "mf,linreg", "staleness": "0,inf"})
+    rows = two_workload_rows()
+    curves = [{**r, "clock": c, "elapsed": c / 10, "eval": 1.0 / c} for r in rows for c in (1, 2)]
+    ex.make_plots(m, str(tmp_path), rows, ex.aggregate(rows), curves, {r["cell_id"]: {"0": 3, "1": 1} for r in rows})
+    for png in ("metric_vs_time.png", "metric_vs_clock.png"):
+        panels = {ax.get_title(): ax.get_ylabel() for ax in saved_figures[png].axes if ax.get_visible()}
+        assert panels == {"workload=linreg": "weight_distance", "workload=mf": "rmse"}, png
+    title = saved_figures["time_to_target.png"].axes[0].get_title()
+    assert "rmse" in title and "weight_distance" in title
+
+    text = "\n".join(ex.findings(ex.aggregate(rows), m.varying(), {"mf": False, "linreg": False}))
+    assert "**workload=mf**: staleness 0 reached rmse 0.5" in text
+    assert "**workload=linreg**: staleness 0 reached weight_distance 0.5" in text
+    assert "Cost of staleness by workload" not in text, "rmse and weight_distance are not comparable"
+
+    report = ex.render_report(m, "", rows, ex.aggregate(rows), [], [], 4)
+    for section in ("## Summary", "## Runs"):
+        lines = [ln for ln in report.split(section)[1].split("\n## ")[0].splitlines() if ln.startswith("|")]
+        head = [c.strip() for c in lines[0].split("|")]
+        rmse, wd = head.index("final rmse"), head.index("final weight_distance")
+        for ln in lines[2:]:
+            cells = [c.strip() for c in ln.split("|")]
+            filled = wd if cells[head.index("workload")] == "linreg" else rmse
+            empty = rmse if filled == wd else wd
+            assert cells[filled].startswith("0.4") and cells[empty] == "–", (section, ln)
+
+
+def test_time_to_target_plot_says_so_when_no_bound_reached_the_target(tmp_path, saved_figures):
+    m = parse_manifest({"workload": "mf", "staleness": "0,inf"})
+    rows = [run_row("0", 0, "", 0.9), run_row("inf", 0, "", 0.9)]
+    for r in rows:
+        r["cell_id"] = f"mf-s{r['staleness']}"
+    ex.make_plots(m, str(tmp_path), rows, ex.aggregate(rows), [], {r["cell_id"]: {"0": 3, "1": 1} for r in rows})
+    ax = saved_figures["time_to_target.png"].axes[0]
+    assert any("no bound reached the target" in t.get_text() for t in ax.texts)
+    assert ax.get_ylim()[0] >= 0 and list(ax.get_yticks()) == []
+
+
+def fake_finished(run_dir, metric="weight_distance"):
+    """What ps-experiment reads of a finished run: a summary.json."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+        json.dump({"eval_metric": {"name": metric, "value": 0.5}, "wall_seconds": 1.0, "iterations": 4,
+                   "final_loss": 0.25, "staleness_mean": 0.0, "staleness_max": 0, "wait_seconds_total": 0.0,
+                   "compute_seconds_total": 0.1}, fh)
+
+
+def test_runs_that_failed_before_an_interrupt_are_listed_as_failed(tmp_path, monkeypatch):
+    ran = []
+
+    def run_cell(cell, m, run_dir):
+        ran.append(cell.cell_id)
+        if len(ran) == 1:
+            return 1, "FAILED (exit 1)"
+        raise KeyboardInterrupt        # Ctrl-C during the second cell
+
+    monkeypatch.setattr(ex, "_run_cell", run_cell)
+    out = tmp_path / "exp"
+    assert ex.main(["--workload", "linreg", "--staleness", "0,3,inf", "--out", str(out)]) == 130
+    assert len(ran) == 2
+    assert f"3 runs in the grid, 0 finished, 1 failed this time: {ran[0]}." in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ stop signals (real processes)
+MARK = "ZPS_TEST_EXPERIMENT"
+
+
+def marked_processes(mark):
+    """Live processes whose environment carries ``mark`` (every descendant inherits it)."""
+    found = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+            with open(f"/proc/{d}/stat", "rb") as fh:
+                state = fh.read().rsplit(b") ", 1)[1][:1]
+        except (OSError, IndexError):
+            continue
+        if f"{MARK}={mark}".encode() in env and state != b"Z":
+            found.add(int(d))
+    return found
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.1)   # polling observable state, bounded by the deadline
+
+
+@pytest.fixture
+def running_experiment(tmp_path):
+    """A ps-experiment whose second cell's job runs (its coordinator is up); the first is already finished."""
+    mark = uuid.uuid4().hex
+    out = tmp_path / "exp"
+    grid_args = {"workload": "linreg", "workers": "1", "staleness": "0,inf", "steps": "1000000"}
+    first, second = ex.grid(parse_manifest(grid_args))
+    fake_finished(str(out / "runs" / first.cell_id))
+    args = [a for k, v in grid_args.items() for a in ("--" + k, v)] + ["--timeout", "300", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "ps-experiment"), *args], cwd=ROOT,
+                         env={**os.environ, MARK: mark}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "runs" / second.cell_id / "launch.log"
+    try:
+        wait_until(lambda: p.poll() is not None or (log.exists() and "[launch] coordinator at" in log.read_text()),
+                   120, "the job's coordinator")
+        assert p.poll() is None, p.communicate()[0]
+        yield p, out, mark
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=30)
+        for pid in marked_processes(mark):   # whatever the code under test left behind
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_stops_the_running_job_and_writes_the_finished_results(running_experiment, signum):
+    p, out, mark = running_experiment
+    p.send_signal(signum)
+    output = p.communicate(timeout=120)[0]
+    assert p.returncode == 128 + signum, output
+    assert "interrupted" in output
+    assert not marked_processes(mark), "the job outlived the experiment"
+    assert len(read_csv(out / "runs.csv")) == 1
+    assert "2 runs in the grid, 1 finished." in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_no_job_outlives_an_experiment_killed_with_sigkill(running_experiment):
+    p, out, mark = running_experiment
+    p.kill()
+    p.wait(10)
+    wait_until(lambda: not marked_processes(mark), 60, "the job to stop after the experiment died")
 
 
 # ------------------------------------------------------------------ end to end

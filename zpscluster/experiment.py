@@ -10,14 +10,17 @@ Every *cell* (one point of the grid, one seed) runs as one
 ``bin/ps-launch ... --quiet --out OUT/runs/<cell-id>`` subprocess.  A cell is
 *finished* when its ``summary.json`` exists and parses; a rerun with the same
 ``--out`` skips finished cells, so an interrupted experiment resumes.  Progress
-lines show ``[i/N]``, elapsed time, an ETA and the cell's result.
+lines show ``[i/N]``, elapsed time, an ETA and the cell's result.  Ctrl-C,
+SIGTERM and SIGHUP stop the running job and write the results of the finished
+cells (exit status 128 + the signal); a ps-experiment killed outright takes its
+job with it (the kernel sends the job SIGTERM).
 
 The results folder gets (all small, all reproducible from ``runs/``):
 
     runs.csv       one row per run: the grid keys, seed, wall_seconds, time_to_target, ...
     summary.csv    the runs aggregated over seeds (mean, std, min, max; reached count)
     curves.csv     worker 0's evaluation rows of every run (the data behind the curves; join on cell_id)
-    manifest.toml  the resolved grid
+    manifest.toml  the resolved grid, out and name included (``--manifest`` reruns it)
     *.png          the plots (matplotlib, Agg)
     report.md      grid, tables, plots and findings computed from the data
     .gitignore     ignores runs/ (the per-run logs and metrics)
@@ -52,7 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from common.errors import ConfigError
 from worker.stragglers import StragglerProfile
 from worker.workloads import WORKLOADS
-from zpscluster.procs import bin_cmd
+from zpscluster.procs import bin_cmd, guarded
 
 __all__ = ["ManifestError", "OptimizerSpec", "Manifest", "Cell", "parse_manifest", "grid", "launch_command",
            "is_finished", "time_to_target", "run_record", "aggregate", "findings", "run_grid",
@@ -134,7 +137,7 @@ def _staleness(key: str, v: Any) -> str:
     if isinstance(v, float) and v == math.inf:
         return "inf"
     try:
-        n = int(s)
+        n = int(v) if isinstance(v, float) and v.is_integer() else int(s)   # TOML 3.0 is 3
     except ValueError:
         n = -1
     if n < 0 or isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
@@ -274,7 +277,11 @@ def _split(key: str, value: Any) -> list:
 
 
 def _seeds(value: Any) -> tuple[int, ...]:
-    if isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value):
+    """``N`` means seeds 0..N-1; a list (TOML, or text with a comma: ``7,9``, ``7,`` for 7 alone) is the seeds."""
+    if isinstance(value, str) and "," in value:
+        text = value.strip()
+        value = _split("seeds", text[:-1] if text.endswith(",") and text.count(",") == 1 else text)
+    if isinstance(value, (list, tuple)):
         seeds = tuple(_int(0)("seeds", v) for v in _split("seeds", value))
     else:
         seeds = tuple(range(_int(1)("seeds", value)))
@@ -372,13 +379,16 @@ def manifest_toml(m: Manifest) -> str:
     if m.eval_every is not None:
         lines.append(f"eval_every = {m.eval_every}")
     lines.append(f"timeout = {m.timeout!r}")
+    lines.append(f"out = {val(m.out)}")     # as given: relative to the directory ps-experiment ran in
+    if m.name:
+        lines.append(f"name = {val(m.name)}")
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- grid
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One run of the grid: every grid key's value and the seed."""
+    """One run of the grid: every grid key's value, the seed and the manifest's ``eval_every``."""
 
     workload: str
     servers: int
@@ -392,6 +402,7 @@ class Cell:
     batch_size: int | None
     steps: int | None
     seed: int
+    eval_every: int | None = None   # not a grid key, but it changes time_to_target's resolution
 
     def keys(self) -> dict[str, Any]:
         """The grid keys as runs.csv writes them (None as empty)."""
@@ -405,8 +416,15 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        """A readable, stable folder name: the main keys plus a hash of all of them."""
-        full = json.dumps({**self.keys(), "seed": self.seed}, sort_keys=True, default=str)
+        """A readable, stable folder name: the main keys plus a hash of every setting that changes the run.
+
+        ``eval_every`` is hashed only when given, so that runs at the trainer's
+        interval keep the ids they had before it was part of the hash.
+        """
+        ident = {**self.keys(), "seed": self.seed}
+        if self.eval_every is not None:
+            ident["eval_every"] = self.eval_every
+        full = json.dumps(ident, sort_keys=True, default=str)
         digest = hashlib.sha1(full.encode()).hexdigest()[:8]
         slug = f"{self.workload}-S{self.servers}-W{self.workers}-s{self.staleness}-{self.straggler}-" \
                f"{self.optimizer}-seed{self.seed}"
@@ -427,7 +445,7 @@ def grid(m: Manifest) -> list[Cell]:
         d = dict(zip(GRID_KEYS + ("seed",), values))
         if d["optimizer"].lr is not None:
             d["lr"] = None
-        cell = Cell(**d)
+        cell = Cell(**d, eval_every=m.eval_every)
         if cell in seen:
             continue
         seen.add(cell)
@@ -456,8 +474,8 @@ def launch_command(cell: Cell, m: Manifest, run_dir: str) -> list[str]:
         cmd += ["--batch-size", str(cell.batch_size)]
     if cell.steps is not None:
         cmd += ["--steps", str(cell.steps)]
-    if m.eval_every is not None:
-        cmd += ["--eval-every", str(m.eval_every)]
+    if cell.eval_every is not None:
+        cmd += ["--eval-every", str(cell.eval_every)]
     cmd += ["--timeout", _num(m.timeout), "--quiet", "--out", run_dir]
     return bin_cmd("ps-launch", *cmd)
 
@@ -604,38 +622,12 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
         reached = [r for r in rows if r["reached"]]
         ranked = sorted(reached, key=lambda r: (-r["reached"], r["time_to_target_mean"]))
         rankings[fkey] = [str(r["staleness"]) for r in ranked]
-        if not reached:
-            out.append(f"**{label}**: no bound reached the target {metric} {target} in any seed.")
-            continue
-        best = ranked[0]
-        parts = [f"**{label}**: staleness {best['staleness']} reached {metric} {target} first "
-                 f"(mean {best['time_to_target_mean']:.2f} s over {best['reached']}/{n} seeds)"]
-        quicker = [r for r in ranked[1:] if r["time_to_target_mean"] < best["time_to_target_mean"]]
-        if quicker:
-            parts[0] = parts[0].replace(" first ", " in the most seeds ")
-            parts.append("faster where fewer seeds reached it: " + ", ".join(
-                f"s={r['staleness']} ({r['time_to_target_mean']:.2f} s, {r['reached']}/{n})" for r in quicker))
-        close = [r for r in ranked[1:] if r["reached"] == best["reached"] and _within_noise(best, r)]
-        if close:
-            parts.append("within one standard deviation of " + ", ".join(
-                f"s={r['staleness']} ({r['time_to_target_mean']:.2f} s)" for r in close))
-        ttts = ", ".join(f"s={r['staleness']}: " + (f"{r['time_to_target_mean']:.2f} s"
-                                                     + (f" ({r['reached']}/{n})" if r['reached'] < n else "")
-                                                     if r["reached"] else "never")
-                         for r in rows)
-        parts.append(f"time-to-target by bound {ttts}")
         bsp = next((r for r in rows if str(r["staleness"]) == "0"), None)
-        if bsp is not None and best is not bsp:
-            if bsp["reached"]:
-                parts.append(f"BSP (s=0) took {bsp['time_to_target_mean'] / best['time_to_target_mean']:.2f}x "
-                             f"as long as s={best['staleness']}")
-            else:
-                parts.append("BSP (s=0) never reached it")
-        elif bsp is not None:
-            parts.append("BSP itself ranked first")
-        out.append("; ".join(parts) + ".")
-        if len(rows) >= 3:
-            out.append(f"  Shape: {_shape(rows)}")
+        best = ranked[0] if ranked else None
+        if best is None:   # the other findings still hold
+            out.append(f"**{label}**: no bound reached the target {metric} {target} in any seed.")
+        else:
+            out += _reached_findings(label, metric, target, n, rows, ranked, bsp)
         if bsp is not None and len(rows) > 1:
             fm = [(r["staleness"], r["final_metric_mean"]) for r in rows]
             base = bsp["final_metric_mean"]
@@ -646,13 +638,14 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
             if ctt:
                 out.append(f"  Per iteration: worker 0's mean clock at the target was {ctt} "
                            f"(a push is one server step when s > 0, a clock is one averaged step at s = 0).")
-            out.append(f"  After the same {rows[0]['iterations_mean']:.0f} iterations the final {metric} "
-                       f"({'higher' if hib else 'lower'} is better) was "
+            iters = rows[0]["iterations_mean"]
+            out.append(f"  After the same {iters / rows[0]['workers']:.0f} clocks per worker ({iters:.0f} iterations "
+                       f"in all) the final {metric} ({'higher' if hib else 'lower'} is better) was "
                        + ", ".join(f"s={s}: {v:.4f}" for s, v in fm)
                        + f"; best s={best_q[0]}; "
                        + (f"{len(better)} of {len(fm) - 1} stale bounds beat BSP per iteration."
                           if better else "no stale bound beat BSP per iteration."))
-            if best_q[0] != best["staleness"]:
+            if best is not None and best_q[0] != best["staleness"]:
                 out.append(f"  Speed against quality: s={best['staleness']} reached the target first but "
                            f"s={best_q[0]} ended with the best {metric}.")
             waits = ", ".join(f"s={r['staleness']}: {_share(r):.0%}" for r in rows)
@@ -660,7 +653,6 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
                               for r in rows)
             out.append(f"  Share of the workers' training time spent waiting for the bound: {waits}; "
                        f"observed read staleness mean/max: {stale}.")
-        if bsp is not None and len(rows) > 1:
             sign = -1.0 if hib else 1.0
             losses[fkey] = ([(str(r["staleness"]), sign * (r["final_metric_mean"] - bsp["final_metric_mean"]))
                              for r in rows if r is not bsp], metric)
@@ -668,8 +660,43 @@ def findings(summary_rows: Sequence[Mapping[str, Any]], varying: Sequence[str],
         vals = sorted({r[key] for r in summary_rows}, key=str)
         if key == "straggler" and len(vals) > 1:
             out += _ranking_change(key, other, rankings)
-        if key != "straggler" and len(vals) > 1 and losses:
+        if key not in ("straggler", "workload") and len(vals) > 1 and losses:   # workloads' metrics differ
             out += _sensitivity(key, other, losses)
+    return out
+
+
+def _reached_findings(label: str, metric: str, target: Any, n: int, rows: Sequence[Mapping[str, Any]],
+                      ranked: Sequence[Mapping[str, Any]], bsp: Mapping[str, Any] | None) -> list[str]:
+    """The time-to-target findings of one combination where some bound reached the target."""
+    out: list[str] = []
+    best = ranked[0]
+    parts = [f"**{label}**: staleness {best['staleness']} reached {metric} {target} first "
+             f"(mean {best['time_to_target_mean']:.2f} s over {best['reached']}/{n} seeds)"]
+    quicker = [r for r in ranked[1:] if r["time_to_target_mean"] < best["time_to_target_mean"]]
+    if quicker:
+        parts[0] = parts[0].replace(" first ", " in the most seeds ")
+        parts.append("faster where fewer seeds reached it: " + ", ".join(
+            f"s={r['staleness']} ({r['time_to_target_mean']:.2f} s, {r['reached']}/{n})" for r in quicker))
+    close = [r for r in ranked[1:] if r["reached"] == best["reached"] and _within_noise(best, r)]
+    if close:
+        parts.append("within one standard deviation of " + ", ".join(
+            f"s={r['staleness']} ({r['time_to_target_mean']:.2f} s)" for r in close))
+    ttts = ", ".join(f"s={r['staleness']}: " + (f"{r['time_to_target_mean']:.2f} s"
+                                                 + (f" ({r['reached']}/{n})" if r['reached'] < n else "")
+                                                 if r["reached"] else "never")
+                     for r in rows)
+    parts.append(f"time-to-target by bound {ttts}")
+    if bsp is not None and best is not bsp:
+        if bsp["reached"]:
+            parts.append(f"BSP (s=0) took {bsp['time_to_target_mean'] / best['time_to_target_mean']:.2f}x "
+                         f"as long as s={best['staleness']}")
+        else:
+            parts.append("BSP (s=0) never reached it")
+    elif bsp is not None:
+        parts.append("BSP itself ranked first")
+    out.append("; ".join(parts) + ".")
+    if len(rows) >= 3:
+        out.append(f"  Shape: {_shape(rows)}")
     return out
 
 
@@ -754,8 +781,12 @@ def _clock(seconds: float) -> str:
 
 
 def run_grid(m: Manifest, out: str, say: Callable[[str], None] = print,
-             clock: Callable[[], float] = time.monotonic) -> tuple[int, list[str]]:
-    """Run every unfinished cell; returns (cells run, ids of cells that failed)."""
+             clock: Callable[[], float] = time.monotonic, failed: list[str] | None = None) -> tuple[int, list[str]]:
+    """Run every unfinished cell; returns (cells run, ids of cells that failed).
+
+    ``failed``, when given, is filled as cells fail, so that a caller
+    interrupted (KeyboardInterrupt) still knows which did.
+    """
     cells = grid(m)
     runs = os.path.join(out, "runs")
     os.makedirs(runs, exist_ok=True)
@@ -764,7 +795,7 @@ def run_grid(m: Manifest, out: str, say: Callable[[str], None] = print,
         f"{len(pending)} to run; results in {out}")
     t0 = clock()
     durations: list[float] = []
-    failed: list[str] = []
+    failed = [] if failed is None else failed
     done = 0
     for i, cell in enumerate(cells, 1):
         run_dir = os.path.join(runs, cell.cell_id)
@@ -791,14 +822,16 @@ def _run_cell(cell: Cell, m: Manifest, run_dir: str) -> tuple[int, str]:
     with open(os.path.join(run_dir, "launch.log"), "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        # guarded: the job gets SIGTERM if ps-experiment dies, even by SIGKILL (started from the main
+        # thread, which lives as long as the process); its own session: Ctrl-C reaches it only through us
+        proc = subprocess.Popen(guarded(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
             code = proc.wait(m.timeout + 120)
         except subprocess.TimeoutExpired:
             _stop(proc)
             code = -1
-        except BaseException:  # Ctrl-C: the launcher stops its roles on SIGTERM
+        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: the launcher stops its roles on SIGTERM
             _stop(proc)
             raise
     if code != 0 or not is_finished(run_dir):
@@ -887,6 +920,11 @@ def write_results(m: Manifest, out: str, command: str = "", failed: Sequence[str
 
 
 # --------------------------------------------------------------------------- plots
+def _metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The metric names of ``rows`` (one per workload), in order of appearance."""
+    return list(dict.fromkeys(r["metric"] for r in rows))
+
+
 def _facets(m: Manifest) -> list[str]:
     return [k for k in m.varying() if k != "staleness"]
 
@@ -931,7 +969,7 @@ def make_plots(m: Manifest, out: str, rows, agg, curves, hists) -> list[tuple[st
     bounds = sorted({str(r["staleness"]) for r in rows}, key=staleness_order)
     colors = _bound_colors(bounds)
     fkeys = sorted({tuple(str(r[k]) for k in facets) for r in rows})
-    metric = rows[0]["metric"]
+    metric = " / ".join(_metrics(rows))    # one name per workload of the grid
     made = []
 
     def title(fk):
@@ -956,12 +994,12 @@ def make_plots(m: Manifest, out: str, rows, agg, curves, hists) -> list[tuple[st
                 if runs_:
                     xs, ys = _mean_curve(runs_)
                     ax.plot(xs, ys, color=colors[b], lw=2, label=f"s={b}")
-            tgt = by_facet(rows, fk)[0]["target"] if by_facet(rows, fk) else None
-            if tgt not in (None, ""):
-                ax.axhline(float(tgt), color="grey", ls="--", lw=1, label="target")
+            first = by_facet(rows, fk)[0]     # a panel is one workload whenever workloads vary
+            if first["target"] not in (None, ""):
+                ax.axhline(float(first["target"]), color="grey", ls="--", lw=1, label="target")
             ax.set_title(title(fk), fontsize=9)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(metric)
+            ax.set_ylabel(first["metric"])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"{metric} against {'training time' if xkey == 'elapsed' else 'clock'}"
@@ -992,16 +1030,21 @@ def make_plots(m: Manifest, out: str, rows, agg, curves, hists) -> list[tuple[st
             if p[4] < p[5]:
                 ax.annotate(f"{p[4]}/{p[5]}", (p[0], p[1]), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=color)
+    reached_any = any(r["reached"] for r in agg)
     if never:
-        lo, hi = ax.get_ylim() if ax.has_data() else (0.0, 1.0)
+        lo, hi = ax.get_ylim() if reached_any else (0.0, 1.0)
         top = hi + 0.08 * (hi - lo)
         for k, (x, color) in enumerate(never):
             ax.scatter([x], [top], marker="x", color=color, zorder=3,
                        label="x: never reached" if k == 0 else None)
         ax.set_ylim(lo, top + 0.08 * (hi - lo))
+    if not reached_any:   # no time to draw: no time axis either
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no bound reached the target in any seed", transform=ax.transAxes, ha="center",
+                va="center")
     ax.set_xticks(range(len(bounds)), [f"s={b}" for b in bounds])
     ax.set_xlabel("staleness bound")
-    ax.set_ylabel("time to target (s): mean, min-max over seeds")
+    ax.set_ylabel("time to target (s): mean, min-max over seeds" if reached_any else "time to target")
     ax.set_title(f"time to {metric} target (k/n: seeds that reached it)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -1079,7 +1122,12 @@ def render_report(m: Manifest, command: str, rows, agg, plots, notes, n_cells: i
                   failed: Sequence[str] = ()) -> str:
     import torch
     facets = _facets(m)
-    metric = rows[0]["metric"] if rows else "metric"
+    metrics = _metrics(rows)
+
+    def final_columns(value: Callable[[Mapping[str, Any]], str]) -> list[tuple[Callable, str]]:
+        """A 'final METRIC' column per metric (one per workload of the grid); '–' in other workloads' rows."""
+        return [(lambda r, mt=mt: value(r) if r["metric"] == mt else "–", f"final {mt}") for mt in metrics]
+
     lines = [f"# Experiment: {m.name or os.path.basename(os.path.normpath(m.out))}", ""]
     if command:
         lines += ["Command:", "", "```sh", command, "```", ""]
@@ -1109,7 +1157,7 @@ def render_report(m: Manifest, command: str, rows, agg, plots, notes, n_cells: i
             (lambda r: f"{r['reached']}/{r['seeds']}", "reached"),
             (lambda r: f"{_fmt(r['clock_to_target_mean'])}" if r.get("clock_to_target_mean") != "" else "–",
              "clock to target"),
-            (lambda r: f"{r['final_metric_mean']:.4f} ± {r['final_metric_std']:.4f}", f"final {metric}"),
+            *final_columns(lambda r: f"{r['final_metric_mean']:.4f} ± {r['final_metric_std']:.4f}"),
             ("train_seconds_mean", "train s"), ("wall_seconds_mean", "wall s"),
             ("staleness_mean_mean", "mean staleness"), ("staleness_max_max", "max staleness"),
             (lambda r: f"{(r['wait_seconds_mean'] or 0) / r['workers']:.2f}", "wait s/worker"),
@@ -1123,7 +1171,8 @@ def render_report(m: Manifest, command: str, rows, agg, plots, notes, n_cells: i
     if rows:
         run_cols = [(k, k) for k in facets] + [("staleness", "s"), ("seed", "seed"),
                                                ("time_to_target", "time to target (s)"),
-                                               ("final_metric", f"final {metric}"), ("wall_seconds", "wall s"),
+                                               *final_columns(lambda r: _fmt(r["final_metric"])),
+                                               ("wall_seconds", "wall s"),
                                                ("staleness_max", "max staleness"), ("wait_seconds", "wait s")]
         lines += ["## Runs", "", "<details><summary>every run (runs.csv)</summary>", "",
                   _md_table(rows, run_cols), "", "</details>", ""]
@@ -1153,7 +1202,7 @@ def experiment_parser() -> argparse.ArgumentParser:
     p.add_argument("--dc-lambda", help="delay compensation lambdas (0 = off) [0]")
     p.add_argument("--batch-size", help="per-worker batch sizes [the workload's]")
     p.add_argument("--steps", help="iterations per worker [the workload's]")
-    p.add_argument("--seeds", help="N (seeds 0..N-1) or a comma list of seeds [1]")
+    p.add_argument("--seeds", help="N (seeds 0..N-1) or a comma list of seeds (7, is seed 7 alone) [1]")
     p.add_argument("--target", help="time-to-target metric value, or WORKLOAD=VALUE list "
                                     "[each workload's defaults.target]")
     p.add_argument("--eval-every", help="worker 0 evaluates every N clocks [the trainer's: steps/20]")
@@ -1182,7 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ps-experiment: error: {exc}\n")
         return 2
     out = m.out
-    from common.cli import folder_problem
+    from common.cli import folder_problem, on_stop_signal
     why = folder_problem(out)
     if why:
         sys.stderr.write(f"ps-experiment: error: --out: {why}\n")
@@ -1194,14 +1243,35 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "bin/ps-experiment " + shlex.join(argv)
     failed: list[str] = []
-    if not args.report_only:
-        try:
-            _, failed = run_grid(m, out, say=say)
-        except KeyboardInterrupt:
-            say("[experiment] interrupted; finished runs are kept, a rerun resumes")
-            write_results(m, out, command, failed, say=say)
-            return 130
-    write_results(m, out, command, failed, say=say)
+    stopped: list[int] = []    # the stop signal, once one came
+    running = not args.report_only
+    interrupted = 0            # the signal that stopped the grid
+
+    def stop(signum: int) -> None:
+        stopped.append(signum)
+        if running:   # the Ctrl-C path: the running job is stopped, the finished results are written
+            raise KeyboardInterrupt
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    on_stop_signal(stop)   # SIGINT and SIGTERM, the first signal only
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))   # the same handler, so still the first only
+    try:
+        if running:
+            try:
+                run_grid(m, out, say=say, failed=failed)
+                running = False
+            except KeyboardInterrupt:
+                running = False
+                interrupted = stopped[0] if stopped else signal.SIGINT
+                say(f"[experiment] interrupted ({signal.Signals(interrupted).name}); finished runs are kept, "
+                    "a rerun resumes")
+        write_results(m, out, command, failed, say=say)
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+    if interrupted:
+        return 128 + interrupted   # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     if failed:
         say(f"[experiment] {len(failed)} run(s) failed: {', '.join(failed)}")
         return 1
