@@ -62,6 +62,14 @@ def check_timeout(timeout, what: str = "timeout", allow_none: bool = True) -> fl
     return float(timeout)
 
 
+#: the server-side optimizers (ps.optim.OptimizerSpec takes these names)
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "adagrad")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
         value >= 0 if allow_zero else value > 0)
@@ -330,6 +338,17 @@ class JobSettings:
             _positive(name, getattr(self, name))
         if self.lr is not None:
             _positive("lr", self.lr)
+        if self.optimizer and self.optimizer not in OPTIMIZER_NAMES:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)} (or empty: the "
+                              f"workload's), got {self.optimizer!r}")
+        if self.momentum is not None and not (_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        for name in ("dc_lambda",) + (("weight_decay",) if self.weight_decay is not None else ()):
+            v = getattr(self, name)
+            if not (_finite_number(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.frame_elems, bool) or not isinstance(self.frame_elems, int) or self.frame_elems < 1:
+            raise ConfigError(f"frame_elems must be a positive integer, got {self.frame_elems!r}")
         if self.heartbeat_interval * 2 > self.worker_timeout:
             raise ConfigError(f"worker_timeout ({self.worker_timeout}s) must be at least twice "
                               f"heartbeat_interval ({self.heartbeat_interval}s)")

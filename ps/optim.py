@@ -69,13 +69,13 @@ from torch.optim.adam import adam as _adam
 from torch.optim.adamw import adamw as _adamw
 from torch.optim.sgd import sgd as _sgd
 
+from common.config import OPTIMIZER_NAMES
 from common.errors import ConfigError
 from common.plan import frame_slices
 
 __all__ = ["OPTIMIZER_NAMES", "OptimizerSpec", "ShardOptimizer", "Implementation"]
 
-#: optimizer names an :class:`OptimizerSpec` accepts.
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "adagrad")
+#: optimizer names an :class:`OptimizerSpec` accepts: ``common.config.OPTIMIZER_NAMES``
 
 #: how torch runs the update; ``"auto"`` picks the first that works of
 #: ``fused``, ``foreach``, ``forloop`` (torch's per-tensor loop).

@@ -189,6 +189,23 @@ def test_a_user_script_trains_through_ps_worker(procs, tmp_path):
     assert coord.wait(30) == 0  # the coordinator stops by itself once the job is done
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--momentum", "2"], "momentum must be in [0, 1)"),
+    (["--optimizer", "foo"], "optimizer must be one of"),
+    (["--dc-lambda", "-1"], "dc_lambda must be"),
+    (["--straggler", "5:3"], "names worker rank 5"),
+    (["--straggler", "bogus"], "straggler profile"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to sgd only"),
+    (["--workload", "mf", "--momentum", "0.5"], "--momentum applies to sgd only"),
+    (["--workload", "nope"], "unknown workload 'nope'"),
+])
+def test_a_job_the_flags_describe_badly_is_refused_before_any_role_starts(tmp_path, flags, says):
+    out = subprocess.run(bin_cmd("ps-launch", "--servers", "1", "--workers", "2", "--out", str(tmp_path / "job"),
+                                 *flags), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and says in out.stderr, out.stderr[-500:]
+    assert "READY" not in out.stdout and not (tmp_path / "job" / "summary.json").exists()
+
+
 def test_no_role_outlives_a_launcher_killed_with_sigkill(tmp_path):
     """The kernel ends every role when ps-launch dies without a chance to stop them (PR_SET_PDEATHSIG)."""
     import re

@@ -308,6 +308,10 @@ def write_summary(args, launch: Launch, wall: float) -> dict:
         "optimizer": job.get("optimizer"),
         "lr": job.get("lr"),
         "momentum": job.get("momentum"),
+        "weight_decay": job.get("weight_decay"),
+        "batch_size": job.get("batch_size"),
+        "staleness_lr": job.get("staleness_lr", args.staleness_lr),
+        "dc_lambda": job.get("dc_lambda"),
         "seed": args.seed,
         "straggler": args.straggler,
         "wall_seconds": round(wall, 3),
@@ -339,10 +343,39 @@ def write_summary(args, launch: Launch, wall: float) -> dict:
     return summary
 
 
+def job_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the job the flags describe ("" if nothing): found before any role starts."""
+    from common.config import JobSettings
+    from common.errors import ConfigError
+    from worker.stragglers import StragglerProfile
+    from worker.workloads import WORKLOADS
+
+    kw = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name, None) not in (None, "")}
+    try:
+        job = JobSettings(num_servers=args.servers, num_workers=args.workers, staleness_lr=args.staleness_lr,
+                          **kw)
+        if job.workload and job.workload not in WORKLOADS:
+            return f"--workload: unknown workload {job.workload!r}; known: {', '.join(sorted(WORKLOADS))}"
+        ranks = [r for r in StragglerProfile.parse(job.straggler).ranks if r >= job.num_workers]
+        if ranks:
+            return (f"--straggler {job.straggler!r} names worker rank {ranks[0]}, but the job's "
+                    f"{job.num_workers} workers have ranks 0..{job.num_workers - 1}")
+        optimizer = job.optimizer or (WORKLOADS[job.workload].defaults.optimizer if job.workload else "sgd")
+        if job.momentum is not None and optimizer != "sgd":
+            return f"--momentum applies to sgd only; the job's optimizer is {optimizer}"
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = launch_parser().parse_args(argv)
     if args.servers < 1 or args.workers < 1:
         sys.stderr.write("error: --servers and --workers must be at least 1\n")
+        return 2
+    why = job_problem(args)
+    if why:
+        sys.stderr.write(f"error: {why}\n")
         return 2
     from common.cli import file_problem, folder_problem
     for flag, why in (("--out", folder_problem(args.out)),
