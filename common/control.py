@@ -23,7 +23,7 @@ from common.config import JobSettings, check_timeout
 from common.errors import ClosedError, DeadlineExceeded, ProtocolError, ZPSError, remote_error
 from common.protocol import Message, MsgType
 from common.security import CurveKeys
-from common.transport import make_dealer
+from common.transport import connect, make_dealer
 
 log = logging.getLogger("zps.control")
 
@@ -41,7 +41,7 @@ def request_once(endpoint: str, msg_type: MsgType, header: dict | None = None, t
     try:
         if secure is not None:
             secure(sock)
-        sock.connect(endpoint)
+        connect(sock, endpoint)
         sock.send_multipart(proto.encode(msg_type, {"rid": 1, **(header or {})}))
         if not sock.poll(int(timeout * 1000)):
             raise DeadlineExceeded(f"{endpoint} did not answer {msg_type.name} within {timeout:.0f}s")

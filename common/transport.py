@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 import zmq
 
 from common.config import TransportSettings
+from common.errors import ConfigError
+from common.netaddr import split_endpoint
 from common.security import CurveKeys, secure_client, secure_server
 
 log = logging.getLogger("zps.transport")
@@ -81,8 +83,24 @@ def make_dealer(ctx: zmq.Context, endpoint: str, transport: TransportSettings | 
         except BaseException:
             sock.close(linger=0)
             raise
-    sock.connect(endpoint)
+    try:
+        connect(sock, endpoint)
+    except ConfigError:
+        sock.close(linger=0)
+        raise
     return sock
+
+
+def connect(sock: zmq.Socket, endpoint: str) -> None:
+    """``sock.connect(endpoint)``, or ConfigError saying what a good address looks like."""
+    try:
+        if endpoint.startswith("tcp://"):
+            split_endpoint(endpoint)   # ZeroMQ would take port 99999 as 34463
+        sock.connect(endpoint)
+    except (zmq.ZMQError, ValueError) as exc:   # a malformed address: "127.0.0.1:5555", "nonsense"
+        why = exc.strerror if isinstance(exc, zmq.ZMQError) else "not HOST:PORT with a port in 0-65535"
+        raise ConfigError(f"cannot connect to {endpoint!r}: {why}; an address is tcp://HOST:PORT "
+                          "(or ipc://PATH, inproc://NAME)") from None
 
 
 #: Flags as plain ints: zmq's are enum members, slow to combine on every frame.

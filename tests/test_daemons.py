@@ -163,3 +163,15 @@ def test_a_worker_refuses_a_device_this_torch_cannot_use(procs):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and f"--device '{dev}'" in out.stderr, out.stderr[-500:]
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:5555", "nonsense", "tcp://127.0.0.1:99999"])
+def test_a_malformed_address_is_refused_with_its_expected_form(address):
+    from common.control import request_once
+    from common.errors import ConfigError
+    from common.protocol import MsgType
+
+    with pytest.raises(ConfigError, match="tcp://HOST:PORT"):
+        request_once(address, MsgType.STATUS, timeout=1)
+    out = subprocess.run(bin_cmd("ps-worker", "--coordinator", address), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--coordinator" in out.stderr and "tcp://HOST:PORT" in out.stderr, out.stderr

@@ -110,7 +110,10 @@ def run_builtin(settings: WorkerSettings) -> int:
     except ZPSError as exc:
         return fail(str(exc))
     # The job (and so the workload and seed) comes from the coordinator; ask it first.
-    probe = CoordinatorLink(settings.coordinator, "worker", timeout=settings.register_timeout, keys=keys)
+    try:
+        probe = CoordinatorLink(settings.coordinator, "worker", timeout=settings.register_timeout, keys=keys)
+    except ConfigError as exc:
+        return fail(f"--coordinator: {exc}")
     try:
         job = probe.status()["job"]
     except ZPSError as exc:
