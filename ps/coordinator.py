@@ -277,8 +277,11 @@ class Coordinator:
                 or next((x for x in group if not x.registered), None) \
                 or next((x for x in group if not x.live and not x.done), None)
             if m is None:
-                raise ProtocolError(f"all {len(group)} {role} ranks are taken by live processes",
-                                    ErrorCode.OVERLOADED)
+                raise ProtocolError(
+                    f"all {len(group)} {role} ranks are taken by live processes; to replace one that just "
+                    f"died, ask for its rank (--rank R: answered once it is declared dead, within "
+                    f"{self.job.worker_timeout:.0f}s of its last heartbeat) or retry after that",
+                    ErrorCode.OVERLOADED)
         rejoin = m.registered and m.inc != inc
         if rejoin:
             m.restarts += 1
