@@ -279,7 +279,9 @@ class ServerSettings:
         _positive("num_workers", self.num_workers)
         limit = 1 << 16 if self.coordinator else self.num_servers  # the coordinator sets the count
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < limit:
-            raise ConfigError(f"rank must be in [0, {self.num_servers}), got {self.rank!r}")
+            raise ConfigError(f"rank must be in [0, {self.num_servers}), got {self.rank!r}" if not self.coordinator
+                              else f"rank must be a non-negative integer (the coordinator checks it against "
+                                   f"the job's server count), got {self.rank!r}")
         for name in ("lr", "read_timeout", "worker_timeout", "max_parked"):
             _positive(name, getattr(self, name))
         _positive("momentum", self.momentum, allow_zero=True)
