@@ -310,7 +310,7 @@ def write_summary(args, launch: Launch, wall: float) -> dict:
         "momentum": job.get("momentum"),
         "weight_decay": job.get("weight_decay"),
         "batch_size": job.get("batch_size"),
-        "staleness_lr": job.get("staleness_lr", args.staleness_lr),
+        "staleness_lr": job.get("staleness_lr"),
         "dc_lambda": job.get("dc_lambda"),
         "seed": args.seed,
         "straggler": args.straggler,
