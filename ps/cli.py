@@ -28,8 +28,10 @@ def server_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rank_given(ns: argparse.Namespace) -> bool:
-    return ns.rank is not None or "ZPS_RANK" in os.environ
+def _rank_given(ns: argparse.Namespace, job_file: dict) -> bool:
+    """Whether the rank was chosen (flag, environment or job file) rather than left to the default."""
+    section = job_file.get("server")
+    return ns.rank is not None or "ZPS_RANK" in os.environ or (isinstance(section, dict) and "rank" in section)
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -39,6 +41,12 @@ def server_main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(ServerSettings, ns, job_file, "server")
     except ConfigError as exc:
         return fail(str(exc))
+    rank_given = _rank_given(ns, job_file)
+    if settings.restore and settings.coordinator and not rank_given:
+        # the coordinator would hand out a rank only after the address to take over was chosen
+        return fail("--restore with --coordinator needs --rank: pass the rank of the server being restored "
+                    "(its checkpoints are in CHECKPOINT_DIR/server-<rank>), so it takes over that server's "
+                    "address and state")
     if settings.checkpoint_dir:
         why = folder_problem(settings.checkpoint_dir)
         if why:
@@ -56,7 +64,7 @@ def server_main(argv: list[str] | None = None) -> int:
     from common.control import CoordinatorLink
     from common.security import Authenticator, CurveKeys
     from common.transport import advertised_endpoint, bound_endpoint, make_router, port_of, warn_if_exposed
-    from ps.server import ShardServer  # torch import is slow: after argument errors
+    from ps.server import ShardServer, check_restorable  # torch import is slow: after argument errors
     if settings.torch_threads > 0:
         import torch
 
@@ -66,19 +74,25 @@ def server_main(argv: list[str] | None = None) -> int:
         keys = CurveKeys.from_setting(settings.curve_keys, serve=True, connect=bool(settings.coordinator))
     except ConfigError as exc:
         return fail(str(exc))
+    if settings.restore and port_of(settings.bind) == 0:
+        # take over the previous incarnation's address so workers reconnect by themselves
+        # (the checkpoint the server will restore: the same choice, corrupt ones skipped)
+        from ps import checkpoint as ckpt
+
+        try:
+            prev = ckpt.read_latest(settings.checkpoint_dir, settings.rank, check=check_restorable)
+        except ckpt.CheckpointError as exc:
+            return fail(f"--restore: {exc}", 1)
+        if prev is not None:
+            meta = prev[1]
+            saved = meta.get("settings")
+            bind = saved.get("bind_endpoint") if isinstance(saved, dict) else None
+            bind = bind or meta.get("endpoint")
+            if isinstance(bind, str) and bind:
+                settings = dataclasses.replace(settings, bind=bind)
     ctx = zmq.Context()
     link = None
     auth = None
-    if settings.restore and port_of(settings.bind) == 0:
-        # take over the previous incarnation's address so workers reconnect by themselves
-        from ps import checkpoint as ckpt
-
-        want_rank = settings.rank
-        prev = ckpt.latest(settings.checkpoint_dir, want_rank)
-        if prev is not None:
-            meta, _ = ckpt.read(prev, verify=False)
-            settings = dataclasses.replace(settings, bind=meta.get("settings", {}).get("bind_endpoint")
-                                           or meta.get("endpoint", settings.bind))
     try:
         if keys is not None:
             auth = Authenticator(ctx, keys).start()  # before the bind: no client unchecked
@@ -97,7 +111,7 @@ def server_main(argv: list[str] | None = None) -> int:
         if settings.coordinator:
             link = CoordinatorLink(settings.coordinator, "server", ctx, timeout=120, keys=keys)
             try:
-                rank, job = link.register(settings.rank if _rank_given(ns) else -1, endpoint)
+                rank, job = link.register(settings.rank if rank_given else -1, endpoint)
             except ZPSError as exc:
                 sock.close(linger=0)
                 return fail(f"cannot register with coordinator {settings.coordinator}: {exc}", 1)
@@ -106,14 +120,18 @@ def server_main(argv: list[str] | None = None) -> int:
                 f"%(asctime)s server[{rank}] %(levelname)s %(name)s: %(message)s"))
         try:
             server = ShardServer(settings, ctx, sock=sock, authenticator=auth)
-        except (ConfigError, OSError) as exc:
+        except (ZPSError, OSError) as exc:   # ConfigError, CheckpointError (--restore)
             sock.close(linger=0)
             return fail(str(exc), 1)
         stop = on_stop_signal(lambda signum: server.request_stop())
         server.run_in_background(spin=True)   # this thread only waits for it
         if link is not None:
-            link.start_heartbeats(settings.worker_timeout / 4 if settings.worker_timeout < 4 else 1.0,
-                                  lambda state, dead: server.request_stop() if state in ("done", "stopped") else None)
+            def on_beat(state: str, dead_workers: list) -> None:   # the heartbeat thread: hand over, never touch
+                if state in ("done", "stopped"):
+                    server.request_stop()
+                elif dead_workers:
+                    server.report_dead(dead_workers)
+            link.start_heartbeats(settings.worker_timeout / 4 if settings.worker_timeout < 4 else 1.0, on_beat)
         print_ready("server", settings.rank, endpoint, bound=bound, pid=os.getpid())
         server.wait()
         ok = server.shutdown(timeout=max(5.0, settings.transport.linger + 2))

@@ -72,6 +72,9 @@ REPLY_DEFER_BYTES = 60 << 10
 #: Before an update of at least this many elements (BSP applies one on a short CLOCK
 #: message) the outbox is sent, so held replies do not wait for it.
 FLUSH_BEFORE_STEP_ELEMS = 1 << 18
+#: Messages on the loop's wake pipe (from other threads): stop; workers the coordinator declared dead.
+WAKE_STOP = b"stop"
+WAKE_DEAD = b"dead:"
 #: See SpinPolicy.
 SPIN_MAX_COMPANY = 0.1
 SPIN_DECAY = 0.95
@@ -244,6 +247,7 @@ class ShardServer:
         self._last_ckpt_time = clock()
         self._drained_at = clock()  # the last time the receive queue was found empty
         self._last_ckpt_step = 0
+        self._ckpt_due: str | None = None   # a periodic checkpoint to write after this request (its reason)
         self.last_checkpoint = ""
         self.restored_from = ""
         self._thread: threading.Thread | None = None
@@ -273,7 +277,11 @@ class ShardServer:
         self._wake_tx.connect(self._wake_addr)
         self._wake_lock = threading.Lock()
         if settings.restore:
-            self._restore()
+            try:
+                self._restore()
+            except BaseException:
+                self._close()   # no socket (nor a context of its own) outlives a failed restore
+                raise
 
     # ------------------------------------------------------------ lifecycle
     def run_in_background(self, spin: bool = False) -> "ShardServer":
@@ -293,12 +301,60 @@ class ShardServer:
 
     def request_stop(self) -> None:
         """Ask the loop to stop (safe from any thread and from signal handlers)."""
-        if not self._done.is_set() and not self._closed:
-            with self._wake_lock:
-                try:
-                    self._wake_tx.send(b"stop", zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+        self._wake(WAKE_STOP)
+
+    def report_dead(self, workers) -> None:
+        """The coordinator declared ``workers`` dead (``BEAT_OK.dead_workers``); safe from any thread.
+
+        The loop's thread acts on it (``_coordinator_dead``): a worker this
+        server never heard HELLO from, or has not heard from for longer than
+        ``worker_timeout``, leaves ``min_clock`` as a timed-out worker does;
+        the others are left as they are (this server still hears them).
+        """
+        ws = [w for w in workers if isinstance(w, int) and not isinstance(w, bool)]
+        if ws:
+            self._wake(WAKE_DEAD + msgpack.packb(ws))
+
+    def _wake(self, data: bytes) -> None:
+        # bounded: a signal handler may interrupt this very thread inside _close, which holds the lock
+        if not self._wake_lock.acquire(timeout=1.0):
+            return
+        try:
+            if not self._done.is_set() and not self._closed:
+                self._wake_tx.send(data, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        finally:
+            self._wake_lock.release()
+
+    def _on_wake(self) -> bool:
+        """Take every message on the wake pipe (the loop's thread only); whether one asks to stop."""
+        stop = False
+        while True:
+            try:
+                data = self._wake_rx.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return stop
+            if data == WAKE_STOP:
+                stop = True
+            elif data.startswith(WAKE_DEAD) and not stop:
+                self._coordinator_dead(msgpack.unpackb(data[len(WAKE_DEAD):]))
+
+    def _coordinator_dead(self, workers: list) -> None:
+        ws = [w for w in workers if 0 <= w < self.settings.num_workers]
+        # as in poll: silence is measured up to the last time every arrived message was handled
+        died = self.gate.declare_dead(ws, min(self._clock(), self._drained_at))
+        if not died:
+            return
+        for w in died:
+            never = self.gate.workers[w].incarnation == -1
+            log.warning("worker %d declared dead by the coordinator and %s: dropped from min_clock", w,
+                        "never said HELLO here" if never
+                        else f"silent here for more than {self.settings.worker_timeout:.1f}s")
+            self.stats["dead_workers"].append(w)
+        if self.rule is not None:
+            self.rule.on_membership()
+        self._advance_time()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the loop has stopped (SHUTDOWN request or ``request_stop``)."""
@@ -325,9 +381,11 @@ class ShardServer:
     def _close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._wake_lock:   # no other thread is sending on the wake pipe while it closes
+            self._closed = True
+            self._wake_tx.close(linger=0)
         self._pool.close()
-        for s in (self._wake_tx, self._wake_rx, self.sock):
+        for s in (self._wake_rx, self.sock):
             s.close(linger=int(self.settings.transport.linger * 1000))
         self._stop_auth()
         if self._own_ctx:
@@ -364,8 +422,7 @@ class ShardServer:
                         wait = max(0.0, wait - self._spin.seconds)   # already spent spinning
                     events = dict(poller.poll(int(math.ceil(wait * 1000))))
                 spin = False
-                if self._wake_rx in events:
-                    self._wake_rx.recv(zmq.NOBLOCK)
+                if self._wake_rx in events and self._on_wake():
                     self._stopping = True
                     break
                 if self.sock not in events:
@@ -400,6 +457,8 @@ class ShardServer:
                         self._outbox = None
                     spin = self._spin.after(handled, arrived, time.monotonic())
                 self._advance_time()
+                if self._ckpt_due:   # a step made by a membership change (s = 0)
+                    self._checkpoint_if_due()
                 every = self.settings.checkpoint_every_seconds
                 if every and self._clock() - self._last_ckpt_time >= every and \
                         self.optimizer is not None and self.optimizer.steps != self._last_ckpt_step:
@@ -494,6 +553,8 @@ class ShardServer:
         except Exception as exc:  # never let one request kill the server
             log.exception("server %d: internal error handling %s", self.settings.rank, msg.type.name)
             self._error(ident, msg.rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if self._ckpt_due:
+            self._checkpoint_if_due()
 
     def _send(self, ident: bytes, frames: list) -> bool:
         """Send (or, inside a batch, hold) one reply; False if it was dropped.
@@ -572,10 +633,13 @@ class ShardServer:
                     "started with the same id); this one must stop", ErrorCode.FENCED,
                     {"superseded": True, "registered": known})
             if not self.gate.workers[w].live:
-                raise ProtocolError(
-                    f"worker {w} was declared dead after {self.settings.worker_timeout:.1f}s of silence; "
-                    "send HELLO to rejoin at the current min_clock", ErrorCode.FENCED)
+                raise ProtocolError(self._dead_text(w), ErrorCode.FENCED)
         self.gate.seen(w, self._clock())
+
+    def _dead_text(self, w: int) -> str:
+        return (f"worker {w} was declared dead (silent for more than {self.settings.worker_timeout:.1f}s, "
+                "or reported dead by the coordinator before it said HELLO here); send HELLO to rejoin at "
+                "the current min_clock")
 
     # ------------------------------------------------------------ handlers
     def _on_hello(self, ident: bytes, msg: Message) -> None:
@@ -657,7 +721,9 @@ class ShardServer:
         self.store.version += 1
         n = self.settings.checkpoint_every_steps
         if n and self.settings.checkpoint_dir and self.optimizer.steps % n == 0:
-            self.checkpoint("every %d steps" % n)
+            # written once the request that made this step is recorded and answered
+            # (_checkpoint_if_due), never from inside it
+            self._ckpt_due = "every %d steps" % n
 
     # ------------------------------------------------------------ durability
     def checkpoint(self, reason: str) -> str:
@@ -693,11 +759,19 @@ class ShardServer:
         return path
 
     def _restore(self) -> None:
-        path = ckpt.latest(self.settings.checkpoint_dir, self.settings.rank)
-        if path is None:
+        found = ckpt.read_latest(self.settings.checkpoint_dir, self.settings.rank, check=check_restorable)
+        if found is None:
             raise ConfigError(f"--restore: no complete checkpoint in "
                               f"{ckpt.server_dir(self.settings.checkpoint_dir, self.settings.rank)}")
-        meta, arrays = ckpt.read(path)
+        path, meta, arrays = found
+        try:
+            self._restore_from(path, meta, arrays)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:   # well-formed but odd values
+            raise ConfigError(f"--restore: checkpoint {path} cannot be used: {type(exc).__name__}: {exc}") from None
+
+    def _restore_from(self, path: str, meta: dict, arrays: dict) -> None:
         plan = PartitionPlan.from_wire(meta["plan"])
         if plan.num_servers != self.settings.num_servers or meta["rank"] != self.settings.rank:
             raise ConfigError(f"checkpoint {path} belongs to server {meta['rank']} of {plan.num_servers}, "
@@ -884,9 +958,7 @@ class ShardServer:
         self._check_worker(w)
         st = self.gate.workers[w]
         if not st.live:
-            raise ProtocolError(
-                f"worker {w} was declared dead after {self.settings.worker_timeout:.1f}s of silence; "
-                "send HELLO to rejoin at the current min_clock", ErrorCode.FENCED)
+            raise ProtocolError(self._dead_text(w), ErrorCode.FENCED)
         if self._initialized and self.gate.qualifies(clk):
             self._reply_pull(ident, msg.rid, clk, w)
             return
@@ -921,6 +993,18 @@ class ShardServer:
 
     def _on_stats(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, msg, {"stats": self.snapshot_stats()})
+
+    def _checkpoint_if_due(self) -> None:
+        """Write the periodic checkpoint an update step asked for (``checkpoint_every_steps``).
+
+        Called after the request that made the step was handled: its push is
+        in the push record (so the checkpoint holds it as applied) and its
+        reply is out before the files are written; a failure is logged and
+        counted (``_checkpoint_safely``), never returned to that request.
+        """
+        reason, self._ckpt_due = self._ckpt_due, None
+        if reason:
+            self._checkpoint_safely(reason)
 
     def _checkpoint_safely(self, reason: str) -> str:
         try:
@@ -982,6 +1066,29 @@ class ShardServer:
             "settings": describe(self.settings),
         })
         return s
+
+
+#: What a server's checkpoint must hold to be restored (``checkpoint`` writes all of it).
+RESTORE_META = ("rank", "plan", "optimizer", "clocks", "incarnations", "ledger")
+
+
+def check_restorable(path: str, meta: dict, arrays: dict) -> None:
+    """CheckpointError unless ``meta`` and ``arrays`` hold what a restore needs.
+
+    A checkpoint that fails this is skipped like a corrupt one (``ckpt.read_latest``),
+    so ``--restore`` falls back to the one written before it.
+    """
+    missing = [k for k in RESTORE_META if k not in meta] + ([] if "weights" in arrays else ["weights.npy"])
+    if missing:
+        raise ckpt.CheckpointError(f"{path}: the checkpoint lacks {', '.join(missing)}")
+    try:
+        PartitionPlan.from_wire(meta["plan"])
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ckpt.CheckpointError(f"{path}: the checkpoint's plan is unusable ({exc})") from None
+    if not isinstance(meta["optimizer"], dict) or not isinstance(meta["ledger"], dict) \
+            or not isinstance(meta["clocks"], list) or not isinstance(meta["incarnations"], list):
+        raise ckpt.CheckpointError(f"{path}: the checkpoint's optimizer, ledger, clocks or incarnations "
+                                   "have the wrong type")
 
 
 def all_finite(arrays: list[np.ndarray]) -> bool:

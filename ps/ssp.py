@@ -10,7 +10,9 @@ Definitions (docs/PROTOCOL.md and DESIGN.md, "Consistency"):
   server has fully applied.
 * ``min_clock`` is the minimum of ``clock[w]`` over live workers.  Workers
   the job expects but that have not said HELLO yet count as live at clock 0,
-  so nobody runs ahead of a worker that is still starting.
+  so nobody runs ahead of a worker that is still starting -- until the
+  coordinator declares one dead (:meth:`SSPGate.declare_dead`: it died while
+  starting), which takes it out of ``min_clock``.
 * A read at worker clock ``c`` qualifies when ``min_clock >= c - s``.
   ``s = 0`` is BSP, ``s = math.inf`` is ASP.
 * A read that does not qualify is parked with a deadline; it is released the
@@ -18,13 +20,14 @@ Definitions (docs/PROTOCOL.md and DESIGN.md, "Consistency"):
   workers that hold it back.
 * A worker that joined and then stays silent longer than ``worker_timeout``
   is dead: it leaves the ``min_clock`` computation.  A worker that (re)joins
-  with a new incarnation starts at the ``min_clock`` of the others.
+  with a new incarnation, or after it was declared dead (by either rule),
+  starts at the ``min_clock`` of the others.
 
 :meth:`SSPGate.poll` runs after every request, so it answers "nothing to do"
 in constant time when nothing is parked (or no clock moved and no parked
 deadline passed) and no worker can have timed out yet.  For that the gate
 keeps two bounds up to date, so change the clock table only through its
-methods (``join``, ``seen``, ``advance``, ``park``, ``load``), never by
+methods (``join``, ``seen``, ``advance``, ``park``, ``load``, ``declare_dead``), never by
 writing to ``workers`` directly.
 """
 from __future__ import annotations
@@ -111,6 +114,31 @@ class SSPGate:
         self.workers[w].last_seen = now
         if now < self._oldest_seen:  # only if time went back (tests) or nobody is checked yet
             self._oldest_seen = now
+
+    def declare_dead(self, ws, now: float) -> list[int]:
+        """The coordinator declared workers ``ws`` dead; return those that leave ``min_clock`` now.
+
+        A worker leaves if it never said HELLO here, or said it and has been
+        silent here for longer than ``worker_timeout`` as of ``now`` (the same
+        test as :meth:`poll`'s); one this server still hears from stays, the
+        coordinator's verdict notwithstanding (it may be old, or the worker
+        may only have lost its way to the coordinator).  A worker already
+        dead is not returned again.  Like a timed-out worker, one that leaves
+        starts at the others' ``min_clock`` when it (or its replacement)
+        says HELLO.  Unknown ids are a ConfigError and change nothing.
+        """
+        ws = list(ws)
+        for w in ws:
+            self.check_worker(w)
+        died = []
+        for w in ws:
+            st = self.workers[w]
+            if st.live and (st.incarnation == -1 or now - st.last_seen > self.worker_timeout):
+                st.live = False
+                died.append(w)
+        if died:
+            self._moved = True
+        return died
 
     def load(self, clocks, incarnations, now: float) -> None:
         """Take the clock table of a checkpoint: every worker live, last seen at ``now``."""

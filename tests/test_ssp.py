@@ -8,7 +8,8 @@ row of a table and runs instantly.  The rules under test (DESIGN.md,
 * a read that does not qualify is parked and released the moment
   ``min_clock`` advances far enough, or expires at its deadline naming the live
   workers whose clock is below what it needs;
-* workers that never said HELLO are live at clock 0 and never time out;
+* workers that never said HELLO are live at clock 0 and never time out,
+  until the coordinator declares them dead (``declare_dead``);
 * a worker that joined and then stays silent past ``worker_timeout`` is dead
   and leaves ``min_clock``; one that rejoins starts at the others' min_clock.
 """
@@ -313,6 +314,73 @@ def test_a_dead_worker_rejoining_when_nobody_else_is_live_keeps_its_clock():
     gate.advance(1, 4)
     gate.poll(now=TIMEOUT + 1)
     assert gate.join(1, 2, now=TIMEOUT + 2) == 4
+
+
+# ---------------------------------------------------------------- declared dead by the coordinator
+def coordinator_gate() -> SSPGate:
+    """s = 1, 3 workers: 0 said HELLO at 0 (clock 4), 1 never did (clock 0), 2 said HELLO and was seen at 8 (clock 3)."""
+    gate = SSPGate(1, 3, worker_timeout=TIMEOUT, now=0.0)
+    gate.join(0, 1, now=0.0)
+    gate.join(2, 1, now=0.0)
+    gate.seen(2, 8.0)
+    gate.advance(0, 4)
+    gate.advance(2, 3)
+    return gate
+
+
+# (workers the coordinator lists, now, leave min_clock, live after, min_clock after)
+DECLARE_DEAD_TABLE = [
+    pytest.param([1], 5.0, [1], [0, 2], 3, id="never-said-hello-leaves-at-once"),
+    pytest.param([0], 5.0, [], [0, 1, 2], 0, id="heard-here-recently-stays"),
+    pytest.param([0], TIMEOUT, [], [0, 1, 2], 0, id="silent-exactly-the-timeout-stays"),
+    pytest.param([0], TIMEOUT + 0.5, [0], [1, 2], 0, id="silent-here-past-the-timeout-leaves"),
+    pytest.param([0, 1, 2], TIMEOUT + 0.5, [0, 1], [2], 3, id="only-those-not-heard-leave"),
+    pytest.param([1, 1], 5.0, [1], [0, 2], 3, id="listed-twice-leaves-once"),
+    pytest.param([], 5.0, [], [0, 1, 2], 0, id="empty-list-changes-nothing"),
+]
+
+
+@pytest.mark.parametrize("listed, now, died, live, min_clock", DECLARE_DEAD_TABLE)
+def test_a_worker_the_coordinator_declared_dead_leaves_min_clock_unless_this_server_hears_it(
+        listed, now, died, live, min_clock):
+    gate = coordinator_gate()
+    assert gate.declare_dead(listed, now) == died
+    assert gate.live_workers() == live
+    assert gate.dead_workers() == [w for w in range(3) if w not in live]
+    assert gate.min_clock == min_clock
+
+
+def test_a_worker_declared_dead_twice_is_reported_once():
+    gate = coordinator_gate()
+    assert gate.declare_dead([1], 5.0) == [1]
+    assert gate.declare_dead([1], 6.0) == []
+    assert gate.poll(now=6.0)[2] == []          # nor by the timeout rule
+
+
+def test_a_read_held_back_by_a_worker_that_never_said_hello_is_released_once_it_is_declared_dead():
+    gate = coordinator_gate()
+    gate.park("read", 3, deadline=FAR)          # needs min_clock >= 2; worker 1 holds it at 0
+    assert gate.poll(now=5.0) == ([], [], [])
+    assert gate.blockers(2) == (1,)
+    gate.declare_dead([1], 5.0)
+    released, expired, died = gate.poll(now=5.0)
+    assert released == ["read"] and expired == [] and died == []
+
+
+@pytest.mark.parametrize("incarnation", [7, 8], ids=["late-process", "replacement"])
+def test_a_worker_declared_dead_before_its_hello_joins_at_the_others_min_clock(incarnation):
+    gate = coordinator_gate()
+    gate.declare_dead([1], 5.0)
+    assert gate.join(1, incarnation, now=6.0) == 3
+    assert gate.workers[1].incarnation == incarnation
+    assert gate.live_workers() == [0, 1, 2] and gate.min_clock == 3
+
+
+def test_declare_dead_refuses_unknown_worker_ids_and_changes_nothing():
+    gate = coordinator_gate()
+    with pytest.raises(ConfigError, match="3"):
+        gate.declare_dead([1, 3], 5.0)
+    assert gate.live_workers() == [0, 1, 2]
 
 
 # ---------------------------------------------------------------- ready=False

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+
+import zmq
 
 from common.config import check_timeout
 from common.control import request_once
-from common.errors import ZPSError
+from common.errors import ConfigError, ZPSError
 from common.protocol import MsgType
 from common.security import CurveKeys, secure_client
 
@@ -42,9 +45,37 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _endpoint(flag: str, text: str) -> str:
+    """``text`` if it is an address to connect to (tcp://HOST:PORT); else ValueError naming ``flag``."""
+    from common.netaddr import split_endpoint
+
+    try:
+        _, port = split_endpoint(text)
+    except ValueError:
+        port = None
+    if not port:
+        raise ValueError(f"{flag}: {text!r} is not an address; give tcp://HOST:PORT (e.g. tcp://10.0.0.5:5555)")
+    return text
+
+
+def _check_addresses(p: argparse.ArgumentParser, args) -> None:
+    """Exit 2 (argparse's usage error) on a --coordinator or --servers value that is no tcp://HOST:PORT."""
+    try:
+        if args.coordinator:
+            _endpoint("--coordinator", args.coordinator)
+        for ep in _server_list(args):
+            _endpoint("--servers", ep)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def _server_list(args) -> list[str]:
+    return [s.strip() for s in args.servers.split(",") if s.strip()]
+
+
 def _servers(args) -> list[str]:
     if args.servers:
-        return [s.strip() for s in args.servers.split(",") if s.strip()]
+        return _server_list(args)
     status = request_once(args.coordinator, MsgType.STATUS, timeout=args.timeout, secure=args.secure)["status"]
     return [s["endpoint"] for s in status["servers"] if s["registered"]]
 
@@ -62,12 +93,11 @@ def ctl_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.coordinator and not args.servers:
         p.error("give --coordinator URL or --servers EP1,EP2")
+    _check_addresses(p, args)
     try:
         args.secure = _secure(args)
         if args.command == "checkpoint":
-            for ep in _servers(args):
-                r = request_once(ep, MsgType.CHECKPOINT, timeout=args.timeout, secure=args.secure)
-                print(f"{ep}: step {r['step']} -> {r['path']}")
+            return _checkpoint_all(args)
         elif args.command == "shutdown":
             if not args.coordinator:
                 p.error("shutdown ends a job through its coordinator: give --coordinator URL")
@@ -77,8 +107,25 @@ def ctl_main(argv: list[str] | None = None) -> int:
         else:   # the options as parsed here, wherever they stood on the command line
             return stat_main(["--coordinator", args.coordinator, "--servers", args.servers,
                               "--timeout", repr(args.timeout), "--curve-keys", args.curve_keys])
-    except ZPSError as exc:
+    except (ZPSError, zmq.ZMQError) as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 1
+    return 0
+
+
+def _checkpoint_all(args) -> int:
+    """CHECKPOINT every server, each whatever the others answer; 1 if any failed."""
+    failed = []
+    for ep in _servers(args):
+        try:
+            r = request_once(ep, MsgType.CHECKPOINT, timeout=args.timeout, secure=args.secure)
+        except (ZPSError, zmq.ZMQError) as exc:
+            failed.append(ep)
+            print(f"{ep}: FAILED: {exc}")
+            continue
+        print(f"{ep}: step {r['step']} -> {r['path']}")
+    if failed:
+        sys.stderr.write(f"error: {len(failed)} server(s) wrote no checkpoint: {', '.join(failed)}\n")
         return 1
     return 0
 
@@ -93,6 +140,7 @@ def stat_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.coordinator and not args.servers:
         p.error("give --coordinator URL or --servers EP1,EP2")
+    _check_addresses(p, args)
     out: dict = {}
     try:
         args.secure = _secure(args)
@@ -101,7 +149,7 @@ def stat_main(argv: list[str] | None = None) -> int:
                                               secure=args.secure)["status"]
         out["servers"] = [request_once(ep, MsgType.STATS, timeout=args.timeout, secure=args.secure)["stats"]
                           for ep in _servers(args)]
-    except ZPSError as exc:
+    except (ZPSError, zmq.ZMQError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     if args.json:
@@ -153,6 +201,9 @@ def export_main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 1
+    if info["ignored"]:
+        sys.stderr.write(f"note: ignored {', '.join(info['ignored'])} in {args.checkpoint_dir} "
+                         "(not a server-<rank> folder)\n")
     print(f"wrote {len(sd)} tensors ({info['elements']} elements, step {info['steps']}) to {args.out}")
     return 0
 
@@ -165,19 +216,22 @@ def export_state_dict(root: str):
     from common.plan import PartitionPlan
     from ps import checkpoint as ckpt
 
-    ranks = sorted(int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("server-")) \
-        if os.path.isdir(root) else []
+    ranks, ignored = server_folders(root)
     if not ranks:
-        raise ckpt.CheckpointError(f"{root} holds no server-<rank> checkpoint folders")
+        raise ckpt.CheckpointError(f"{root} holds no server-<rank> checkpoint folders"
+                                   + (f" (ignored: {', '.join(ignored)})" if ignored else ""))
     metas, shards = [], []
     for r in ranks:
-        path = ckpt.latest(root, r)
-        if path is None:
+        found = ckpt.read_latest(root, r, check=_exportable)   # skips a checkpoint pruned under it
+        if found is None:
             raise ckpt.CheckpointError(f"server {r} has no complete checkpoint in {ckpt.server_dir(root, r)}")
-        meta, arrays = ckpt.read(path)
+        _, meta, arrays = found
         metas.append(meta)
         shards.append(arrays["weights"])
-    plan = PartitionPlan.from_wire(metas[0]["plan"])
+    try:
+        plan = PartitionPlan.from_wire(metas[0]["plan"])
+    except ConfigError as exc:
+        raise ckpt.CheckpointError(f"the checkpoint of server {ranks[0]} holds an unusable plan: {exc}") from None
     hashes = {m["plan_hash"] for m in metas}
     if len(hashes) != 1 or ranks != list(range(plan.num_servers)):
         raise ckpt.CheckpointError(f"checkpoints do not form one job: plan hashes {sorted(hashes)}, "
@@ -185,10 +239,43 @@ def export_state_dict(root: str):
     flat = np.empty(plan.total, dtype=np.float32)
     for r, shard in zip(ranks, shards):
         lo, hi = plan.range_of(r)
+        if shard.shape != (hi - lo,):
+            raise ckpt.CheckpointError(f"the checkpoint of server {r} holds {shard.shape} weights, "
+                                       f"its range of the plan {hi - lo}")
         flat[lo:hi] = shard
     sd = {t.name: torch.from_numpy(flat[t.offset:t.end].copy()).reshape(t.shape).to(getattr(torch, t.dtype))
           for t in plan.tensors}
-    return sd, {"elements": plan.total, "steps": [m["step"] for m in metas]}
+    return sd, {"elements": plan.total, "steps": [m["step"] for m in metas], "ignored": ignored}
+
+
+_SERVER_FOLDER = re.compile(r"server-(\d+)")
+
+
+def server_folders(root: str) -> tuple[list[int], list[str]]:
+    """``(ranks, ignored)``: the ranks of ``root``'s ``server-<rank>`` folders, and the names of
+    entries that start with ``server-`` but are no such folder (``server-old``, ``server-1.bak``,
+    ``server-01``: a server of rank 1 writes to ``server-1``)."""
+    if not os.path.isdir(root):
+        return [], []
+    ranks, ignored = [], []
+    for d in sorted(os.listdir(root)):
+        if not d.startswith("server-"):
+            continue
+        m = _SERVER_FOLDER.fullmatch(d)
+        if m and str(int(m.group(1))) == m.group(1) and os.path.isdir(os.path.join(root, d)):
+            ranks.append(int(m.group(1)))
+        else:
+            ignored.append(d)
+    return sorted(ranks), ignored
+
+
+def _exportable(path: str, meta: dict, arrays: dict) -> None:
+    from ps import checkpoint as ckpt
+
+    missing = [k for k in ("plan", "plan_hash", "step") if k not in meta] + \
+        ([] if "weights" in arrays else ["weights.npy"])
+    if missing:
+        raise ckpt.CheckpointError(f"{path}: the checkpoint lacks {', '.join(missing)}")
 
 
 if __name__ == "__main__":
