@@ -49,6 +49,7 @@ class Member:
     live: bool = True
     done: bool = False
     told: bool = False      # has heard (in a heartbeat reply) that the job is over
+    left: bool = False      # gave its rank back (LEAVE) and nobody took it since
     restarts: int = 0
     lost: int = 0
     result: dict = dataclasses.field(default_factory=dict)
@@ -290,7 +291,7 @@ class Coordinator:
             self._event("rejoined", role, m.rank)
         elif not m.registered:
             self._event("registered", role, m.rank)
-        m.registered, m.live, m.inc = True, True, inc
+        m.registered, m.live, m.inc, m.left = True, True, inc, False
         m.endpoint, m.host, m.pid = msg["endpoint"], msg["host"], msg["pid"]
         m.last_seen = self._clock()
         self._reply(ident, msg, {"rank": m.rank, "job": self.job.to_wire()})
@@ -349,7 +350,7 @@ class Coordinator:
             m.live = True
             log.info("%s %d is back after being declared dead", msg["role"], m.rank)
             self._event("back", msg["role"], m.rank)
-        dead = [x.rank for x in self.members["worker"] if x.registered and not x.live]
+        dead = [x.rank for x in self.members["worker"] if (x.registered and not x.live) or x.left]
         self._reply(ident, msg, {"state": self.state, "dead_workers": dead})
         if self.state in ("done", "stopped"):
             m.told = True
@@ -384,6 +385,7 @@ class Coordinator:
                 m.live = False
             else:
                 m.registered, m.inc, m.endpoint, m.host, m.pid = False, -1, "", "", 0
+                m.left = True   # reported with the dead: servers stop waiting for its first HELLO
             self._event("left", role, rank, why=msg["why"][:200])
         self._reply(ident, msg, {"left": left})
         self._advance(self._clock())

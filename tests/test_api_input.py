@@ -211,10 +211,13 @@ def test_a_join_that_fails_after_registering_gives_its_rank_back():
         st = status()
         assert st["workers"][0]["registered"] is False
         assert [e["event"] for e in st["events"] if e["role"] == "worker"] == ["registered", "left"]
+        beat = {"role": "server", "rank": 0, "inc": server.inc}
+        assert server.call(MsgType.BEAT, beat)["dead_workers"] == [0]   # servers stop waiting for it
         now["t"] = 100.0                             # long past worker_timeout
         st = status()
         assert st["state"] == "running" and st["workers"][0]["live"] is True   # not declared dead
         assert retry.register(0)[0] == 0             # granted at once, not parked
+        assert server.call(MsgType.BEAT, beat)["dead_workers"] == []
     finally:
         retry.close()
         server.close()
