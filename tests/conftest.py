@@ -5,6 +5,8 @@ then SIGKILL) at teardown, whether the test passed or not.
 """
 import os
 import sys
+import threading
+import time
 
 import pytest
 import zmq
@@ -13,6 +15,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from zpscluster.procs import RoleProcess, bin_cmd  # noqa: E402
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll observable state until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        pause.wait(0.05)   # polling, bounded by the deadline
 
 
 class Procs:

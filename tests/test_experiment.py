@@ -8,12 +8,11 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 from zpscluster import experiment as ex
 from zpscluster.experiment import ManifestError, OptimizerSpec, parse_manifest
 
@@ -445,13 +444,6 @@ def marked_processes(mark):
         if f"{MARK}={mark}".encode() in env and state != b"Z":
             found.add(int(d))
     return found
-
-
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)   # polling observable state, bounded by the deadline
 
 
 @pytest.fixture

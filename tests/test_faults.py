@@ -18,19 +18,12 @@ from common.plan import PartitionPlan
 from common.protocol import MsgType, encode
 from ps import checkpoint as ckpt
 from ps.server import ShardServer
+from tests.conftest import wait_until
 from worker.client import PSClient
 
 pytestmark = pytest.mark.slow
 
 CFG = dict(seed=3, in_dim=40, hidden=48, out_dim=5, batch=16, frame_elems=512)
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    ev = threading.Event()
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        ev.wait(0.05)
 
 
 def rss_kb(pid):

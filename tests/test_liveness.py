@@ -7,7 +7,6 @@ declares it dead (no BEAT) and lists it in every BEAT_OK's ``dead_workers``,
 which the servers now act on (docs/PROTOCOL.md §10.6).
 """
 import json
-import threading
 import time
 
 import numpy as np
@@ -17,19 +16,12 @@ from common.config import ClientSettings
 from common.control import CoordinatorLink, request_once
 from common.plan import PartitionPlan
 from common.protocol import MsgType
+from tests.conftest import wait_until
 from worker.client import PSClient
 from zpscluster.procs import bin_cmd
 
 N = 300
 PLAN = PartitionPlan.build([("w", (N,), "float32")], 1, frame_elems=128)
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    ev = threading.Event()
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        ev.wait(0.05)
 
 
 def test_a_read_held_back_by_a_worker_that_never_said_hello_is_answered_once_the_coordinator_reports_it_dead(

@@ -96,13 +96,19 @@ def test_a_large_zero_copy_push_and_pull_round_trip_exactly(make_server, make_cl
     assert np.array_equal(got, ((w0 - g) - g) - g)
 
 
-def test_a_read_past_its_deadline_fails_naming_the_worker_holding_it_back(make_server, make_client):
-    srv = make_server(staleness=1, num_workers=2)
+def _two_joined(make_server, make_client, staleness):
+    """Workers 0 and 1 said HELLO to one server of 64 zeros (worker 0 sent them)."""
+    srv = make_server(staleness=staleness, num_workers=2)
     a, b = make_client(srv, 0), make_client(srv, 1)
     plan = plan_of(64)
     a.hello(plan)
     b.hello(plan)
     a.init(np.zeros(64, np.float32))
+    return a, b
+
+
+def test_a_read_past_its_deadline_fails_naming_the_worker_holding_it_back(make_server, make_client):
+    a, _ = _two_joined(make_server, make_client, 1)
     for clk in range(2):
         a.push(np.zeros(64, np.float32), clk).wait(10)
     with pytest.raises(StalenessTimeoutError) as err:
@@ -111,12 +117,7 @@ def test_a_read_past_its_deadline_fails_naming_the_worker_holding_it_back(make_s
 
 
 def test_under_bsp_a_worker_that_completed_its_clock_is_not_named_as_holding_a_read_back(make_server, make_client):
-    srv = make_server(staleness=0, num_workers=2)
-    a, b = make_client(srv, 0), make_client(srv, 1)
-    plan = plan_of(64)
-    a.hello(plan)
-    b.hello(plan)
-    a.init(np.zeros(64, np.float32))
+    a, b = _two_joined(make_server, make_client, 0)
     a.push(np.zeros(64, np.float32), 0).wait(10)   # held until worker 1 completes clock 0 too
     with pytest.raises(StalenessTimeoutError) as err:
         a.pull(1, timeout=0.3).wait(10)
