@@ -134,6 +134,11 @@ def on_stop_signal(callback: Callable[[int], None]) -> threading.Event:
     return event
 
 
+def raise_interrupt(_signum: int) -> None:
+    """An ``on_stop_signal`` callback for a program that stops as on Ctrl-C (KeyboardInterrupt)."""
+    raise KeyboardInterrupt
+
+
 def folder_problem(folder: str) -> str | None:
     """Why files cannot be written into ``folder`` (created here if missing), or None.
 

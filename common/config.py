@@ -70,6 +70,12 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_frame_elems(value) -> None:
+    """Elements per data frame: a positive multiple of 64 (frames start 256-byte aligned)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 64:
+        raise ConfigError(f"frame_elems must be a positive multiple of 64, got {value!r}")
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
         value >= 0 if allow_zero else value > 0)
@@ -124,9 +130,7 @@ class ClientSettings:
     def __post_init__(self):
         for name in ("request_timeout", "read_timeout", "heartbeat_interval"):
             _positive(name, getattr(self, name))
-        _positive("frame_elems", self.frame_elems)
-        if self.frame_elems % 64:
-            raise ConfigError(f"frame_elems must be a multiple of 64, got {self.frame_elems}")
+        _check_frame_elems(self.frame_elems)
         if self.transport.max_msg_bytes and self.frame_elems * 4 > self.transport.max_msg_bytes:
             raise ConfigError(f"frame_elems={self.frame_elems} makes {self.frame_elems * 4}-byte frames, above "
                               f"max_msg_bytes={self.transport.max_msg_bytes}")
@@ -349,8 +353,7 @@ class JobSettings:
             v = getattr(self, name)
             if not (_finite_number(v) and v >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
-        if isinstance(self.frame_elems, bool) or not isinstance(self.frame_elems, int) or self.frame_elems < 1:
-            raise ConfigError(f"frame_elems must be a positive integer, got {self.frame_elems!r}")
+        _check_frame_elems(self.frame_elems)
         if self.heartbeat_interval * 2 > self.worker_timeout:
             raise ConfigError(f"worker_timeout ({self.worker_timeout}s) must be at least twice "
                               f"heartbeat_interval ({self.heartbeat_interval}s)")

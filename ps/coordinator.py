@@ -193,7 +193,7 @@ class Coordinator:
             self._check_barrier(name, now)
         workers = self.members["worker"]
         if self.state in ("waiting", "running") and any(m.registered for m in workers) and all(
-                m.done or (m.registered and not m.live) for m in workers):
+                m.done or (m.registered and not m.live) or m.left for m in workers):
             if all(not m.done for m in workers):
                 log.error("every worker was lost; the job is over")
             self.state = "done"
@@ -322,9 +322,11 @@ class Coordinator:
 
     def _check_barrier(self, name: str, now: float) -> None:
         b = self._barriers[name]
-        needed = {m.rank for m in self.members["worker"] if m.live}
-        if needed <= b["arrived"]:
-            members = sorted(b["arrived"] & needed)
+        needed = {m.rank for m in self.members["worker"] if m.live and not m.left}
+        if "members" in b or needed <= b["arrived"]:
+            # the members are fixed when it first opens: one that arrives later (declared dead
+            # meanwhile, then back) gets the same list, so all agree on who met (Session.finalizer)
+            members = b.setdefault("members", sorted(b["arrived"] & needed))
             for ident, rid, _ in b["parked"]:
                 self._send(ident, proto.encode(MsgType.BARRIER_OK, {"rid": rid, "members": members}))
             b["parked"] = []

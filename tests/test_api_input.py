@@ -259,3 +259,38 @@ def test_leave_gives_back_only_what_its_incarnation_holds():
         for link in links:
             link.close()
         coord.shutdown(5)
+
+
+def test_the_finished_barrier_skips_a_given_back_rank_and_late_arrivals_get_its_first_members():
+    """A rank given back holds neither the barrier nor the job's end; a worker declared dead and back
+    after the barrier opened is told the members it opened with (so only one finalizes)."""
+    from common.config import CoordinatorSettings, JobSettings
+    from common.control import CoordinatorLink, request_once
+    from common.protocol import MsgType
+    from ps.coordinator import Coordinator
+
+    now = {"t": 0.0}
+    coord = Coordinator(CoordinatorSettings(bind="tcp://127.0.0.1:0", reach_timeout=0, done_grace=60,
+                                            job=JobSettings(num_servers=1, num_workers=3, worker_timeout=5)),
+                        clock=lambda: now["t"]).run_in_background()
+    links = [CoordinatorLink(coord.endpoint, role, timeout=10) for role in ("server", "worker", "worker", "worker")]
+    server, gone, late, first = links
+    try:
+        server.register(0, "tcp://127.0.0.1:9")
+        assert gone.register(0)[0] == 0 and gone.leave("its start failed")
+        late.register(1)
+        first.register(2)
+        now["t"] = 4.0                                      # within worker_timeout (5 s) of everyone
+        first.call(MsgType.BEAT, {"role": "worker", "rank": 2, "inc": first.inc})
+        now["t"] = 8.0                                      # worker 1 and the server silent since 0: dead
+        request_once(coord.endpoint, MsgType.STATUS, timeout=10)   # the loop advances after answering
+        assert first.barrier("finished", 10) == [2]         # rank 0 gave its rank back, rank 1 is dead
+        late.call(MsgType.BEAT, {"role": "worker", "rank": 1, "inc": late.inc})   # back after it opened
+        assert late.barrier("finished", 10) == [2]          # the list it opened with: 2 finalizes alone
+        late.done({})
+        first.done({})
+        assert coord.wait(10), f"the job did not end ({coord.state})"   # its only server is dead: it stops
+    finally:
+        for link in links:
+            link.close()
+        coord.shutdown(5)

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import threading
 
-from common.cli import (add_common, add_settings, fail, file_problem, folder_problem, load_job, print_ready,
-                        settings_from_args, setup_logging)
+from common.cli import (add_common, add_settings, fail, file_problem, folder_problem, load_job, on_stop_signal,
+                        print_ready, raise_interrupt, settings_from_args, setup_logging)
 from common.config import WorkerSettings
 from common.errors import EXIT_JOB_STOPPED, ClosedError, ConfigError, JobStopped, ZPSError
 
@@ -88,20 +88,11 @@ def run_builtin(settings: WorkerSettings) -> int:
     from worker.workloads import get_workload
 
     log = logging.getLogger("zps.worker")
-    stopping = {"flag": False}
-    stop = threading.Event()   # a watcher thread interrupts the session once it exists
-
-    def on_signal(signum, _frame):
-        if stopping["flag"]:   # already stopping: a second signal must not break the clean-up
-            return
-        stopping["flag"] = True
-        stop.set()
-        # fast path; the watcher covers a KeyboardInterrupt raised inside code that swallows it
-        # (an import running when the signal came did, and the loop went on waiting)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # The first stop signal raises KeyboardInterrupt (later ones are ignored: they must not break
+    # the clean-up); a watcher thread also interrupts the session once it exists, for an interrupt
+    # raised inside code that swallows it (an import running when the signal came did, and the
+    # loop went on waiting on a dead server)
+    stop = on_stop_signal(raise_interrupt)
     from common.control import CoordinatorLink
     from common.security import CurveKeys
 

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         sys.stderr.write(f"error: {why}\n")
         return 2
-    from common.cli import file_problem, folder_problem
+    from common.cli import file_problem, folder_problem, on_stop_signal, raise_interrupt
     for flag, why in (("--out", folder_problem(args.out)),
                       ("--checkpoint-dir", args.checkpoint_dir and folder_problem(args.checkpoint_dir)),
                       ("--save", args.save and file_problem(args.save))):
@@ -394,15 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"error: {exc}\n")
             return 2
     launch = Launch(args)
-    stopping: list[int] = []
-
-    def on_signal(signum, _frame):
-        if stopping:   # the first one is stopping every role: a second must not cut that short
-            return
-        stopping.append(signum)
-        raise KeyboardInterrupt
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+    on_stop_signal(raise_interrupt)   # the first one stops every role; a second must not cut that short
     return launch.run()
 
 
