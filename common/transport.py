@@ -77,15 +77,11 @@ def make_dealer(ctx: zmq.Context, endpoint: str, transport: TransportSettings | 
     if reconnect_max is not None:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(reconnect_max * 1000))
-    if keys is not None:
-        try:
-            secure_client(sock, keys)
-        except BaseException:
-            sock.close(linger=0)
-            raise
     try:
+        if keys is not None:
+            secure_client(sock, keys)
         connect(sock, endpoint)
-    except ConfigError:
+    except BaseException:
         sock.close(linger=0)
         raise
     return sock

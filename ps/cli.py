@@ -74,6 +74,7 @@ def server_main(argv: list[str] | None = None) -> int:
         keys = CurveKeys.from_setting(settings.curve_keys, serve=True, connect=bool(settings.coordinator))
     except ConfigError as exc:
         return fail(str(exc))
+    prev, prev_rank = None, settings.rank   # the checkpoint read here is handed to the server
     if settings.restore and port_of(settings.bind) == 0:
         # take over the previous incarnation's address so workers reconnect by themselves
         # (the checkpoint the server will restore: the same choice, corrupt ones skipped)
@@ -119,17 +120,22 @@ def server_main(argv: list[str] | None = None) -> int:
             logging.getLogger().handlers[0].setFormatter(logging.Formatter(
                 f"%(asctime)s server[{rank}] %(levelname)s %(name)s: %(message)s"))
         try:
-            server = ShardServer(settings, ctx, sock=sock, authenticator=auth)
+            server = ShardServer(settings, ctx, sock=sock, authenticator=auth,
+                                 restore_from=prev if settings.rank == prev_rank else None)
         except (ZPSError, OSError) as exc:   # ConfigError, CheckpointError (--restore)
             sock.close(linger=0)
             return fail(str(exc), 1)
         stop = on_stop_signal(lambda signum: server.request_stop())
         server.run_in_background(spin=True)   # this thread only waits for it
         if link is not None:
+            reported = [()]   # the list last handed over: the loop is woken only when it changes
+
             def on_beat(state: str, dead_workers: list) -> None:   # the heartbeat thread: hand over, never touch
                 if state in ("done", "stopped"):
                     server.request_stop()
-                elif dead_workers:
+                    return
+                listed, reported[0] = reported[0], tuple(dead_workers)
+                if dead_workers and reported[0] != listed:
                     server.report_dead(dead_workers)
             link.start_heartbeats(settings.worker_timeout / 4 if settings.worker_timeout < 4 else 1.0, on_beat)
         print_ready("server", settings.rank, endpoint, bound=bound, pid=os.getpid())

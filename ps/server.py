@@ -214,7 +214,9 @@ class ShardServer:
 
     def __init__(self, settings: ServerSettings, ctx: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, sock: zmq.Socket | None = None,
-                 authenticator: Authenticator | None = None):
+                 authenticator: Authenticator | None = None, restore_from: tuple | None = None):
+        """``restore_from``: the ``(path, meta, arrays)`` of ``ckpt.read_latest`` to restore, when
+        the caller already read it (``--restore``; else the newest checkpoint is read here)."""
         self.settings = settings
         self._clock = clock
         self._own_ctx = ctx is None
@@ -278,7 +280,7 @@ class ShardServer:
         self._wake_lock = threading.Lock()
         if settings.restore:
             try:
-                self._restore()
+                self._restore(restore_from)
             except BaseException:
                 self._close()   # no socket (nor a context of its own) outlives a failed restore
                 raise
@@ -758,8 +760,8 @@ class ShardServer:
                  self.optimizer.steps, reason, dt, path)
         return path
 
-    def _restore(self) -> None:
-        found = ckpt.read_latest(self.settings.checkpoint_dir, self.settings.rank, check=check_restorable)
+    def _restore(self, found: tuple | None = None) -> None:
+        found = found or ckpt.read_latest(self.settings.checkpoint_dir, self.settings.rank, check=check_restorable)
         if found is None:
             raise ConfigError(f"--restore: no complete checkpoint in "
                               f"{ckpt.server_dir(self.settings.checkpoint_dir, self.settings.rank)}")
