@@ -459,8 +459,8 @@ class ShardServer:
                         self._outbox = None
                     spin = self._spin.after(handled, arrived, time.monotonic())
                 self._advance_time()
-                if self._ckpt_due:   # a step made by a membership change (s = 0)
-                    self._checkpoint_if_due()
+                if self._ckpt_due:   # a step of this wake-up's requests (their replies are out), or of a
+                    self._checkpoint_if_due()   # membership change (s = 0)
                 every = self.settings.checkpoint_every_seconds
                 if every and self._clock() - self._last_ckpt_time >= every and \
                         self.optimizer is not None and self.optimizer.steps != self._last_ckpt_step:
@@ -555,8 +555,6 @@ class ShardServer:
         except Exception as exc:  # never let one request kill the server
             log.exception("server %d: internal error handling %s", self.settings.rank, msg.type.name)
             self._error(ident, msg.rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        if self._ckpt_due:
-            self._checkpoint_if_due()
 
     def _send(self, ident: bytes, frames: list) -> bool:
         """Send (or, inside a batch, hold) one reply; False if it was dropped.
@@ -999,7 +997,7 @@ class ShardServer:
     def _checkpoint_if_due(self) -> None:
         """Write the periodic checkpoint an update step asked for (``checkpoint_every_steps``).
 
-        Called after the request that made the step was handled: its push is
+        Called by the loop once the requests of a wake-up were handled: the push is
         in the push record (so the checkpoint holds it as applied) and its
         reply is out before the files are written; a failure is logged and
         counted (``_checkpoint_safely``), never returned to that request.
