@@ -55,6 +55,7 @@ from typing import Any, Sequence
 
 import msgpack
 import numpy as np
+import zmq
 
 from common.errors import ErrorCode, PlanMismatchError, ProtocolError
 
@@ -199,6 +200,35 @@ _REQUIRED_RULES = {t: _key_rules(SCHEMA[t]) for t in MsgType}
 _OPTIONAL_RULES = {t: _key_rules(OPTIONAL.get(t, {})) for t in MsgType}
 
 
+def _quick_check(msg_type: MsgType) -> Any:
+    """A function ``head -> bool``: True if every key of ``msg_type`` is present (the
+    optional ones where given) with a value of exactly its type and range.
+
+    The rules unrolled into straight-line code, generated once per type: it
+    answers a good header in about a third of the time of walking the rules.
+    False (or a KeyError) says only "not certain": ``decode`` then walks the
+    rules, which accept the header or say what is wrong with it.
+    """
+    lines = ["def check(head):"]
+    for i, (key, typ, lo, hi) in enumerate(_REQUIRED_RULES[msg_type]):
+        lines.append(f"    v = head[{key!r}]")
+        lines.append(f"    if type(v) is not T{i}" + (f" or not {lo} <= v <= {hi}" if lo is not None else "")
+                     + ": return False")
+    for i, (key, typ, lo, hi) in enumerate(_OPTIONAL_RULES[msg_type]):
+        lines.append(f"    v = head.get({key!r}, absent)")
+        lines.append(f"    if v is not absent and (type(v) is not O{i}"
+                     + (f" or not {lo} <= v <= {hi}" if lo is not None else "") + "): return False")
+    lines.append("    return True")
+    scope: dict[str, Any] = {"absent": object()}
+    scope.update({f"T{i}": r[1] for i, r in enumerate(_REQUIRED_RULES[msg_type])})
+    scope.update({f"O{i}": r[1] for i, r in enumerate(_OPTIONAL_RULES[msg_type])})
+    exec("\n".join(lines), scope)  # noqa: S102 -- built from the constant schema above only
+    return scope["check"]
+
+
+_QUICK_CHECK = {t: _quick_check(t) for t in MsgType}
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Bounds the decoder enforces before it trusts anything."""
@@ -253,12 +283,18 @@ def error_frames(rid: int, code: ErrorCode, message: str, detail: dict | None = 
 # ----------------------------------------------------------------- decode
 def frame_bytes(frame) -> int:
     """Bytes in one frame: bytes, bytearray, ``zmq.Frame`` or anything with a buffer."""
+    if type(frame) in _LEN_IS_BYTES:
+        return len(frame)
     if isinstance(frame, (bytes, bytearray)):
         return len(frame)
     buf = getattr(frame, "buffer", None)  # zmq.Frame
     if buf is not None:
         return buf.nbytes
     return memoryview(frame).nbytes
+
+
+#: Frame types whose ``len`` is their size in bytes (a ``zmq.Frame``'s ``buffer`` costs a memoryview).
+_LEN_IS_BYTES = {bytes, bytearray, zmq.Frame}
 
 
 def _as_bytes(frame) -> bytes | memoryview:
@@ -308,19 +344,24 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     rid = head.get("rid", 0)
     if isinstance(rid, bool) or not isinstance(rid, int) or not _U64[0] <= rid <= _U64[1]:
         raise ProtocolError(f"rid must be an unsigned 64-bit integer, got {rid!r}")
-    # A value of exactly its key's type (and range) is good; any other value gets
-    # the full check of _check_field, which accepts it or says what is wrong.
-    for key, typ, lo, hi in _REQUIRED_RULES[msg_type]:
-        if key not in head:
-            raise ProtocolError(f"{msg_type.name} lacks the key {key!r}")
-        value = head[key]
-        if type(value) is not typ or (lo is not None and not lo <= value <= hi):
-            _check_field(msg_type, key, value, typ)
-    for key, typ, lo, hi in _OPTIONAL_RULES[msg_type]:
-        if key in head:
+    try:
+        certain = _QUICK_CHECK[msg_type](head)
+    except KeyError:
+        certain = False
+    if not certain:
+        # A value of exactly its key's type (and range) is good; any other value gets
+        # the full check of _check_field, which accepts it or says what is wrong.
+        for key, typ, lo, hi in _REQUIRED_RULES[msg_type]:
+            if key not in head:
+                raise ProtocolError(f"{msg_type.name} lacks the key {key!r}")
             value = head[key]
             if type(value) is not typ or (lo is not None and not lo <= value <= hi):
                 _check_field(msg_type, key, value, typ)
+        for key, typ, lo, hi in _OPTIONAL_RULES[msg_type]:
+            if key in head:
+                value = head[key]
+                if type(value) is not typ or (lo is not None and not lo <= value <= hi):
+                    _check_field(msg_type, key, value, typ)
     if msg_type == MsgType.PULL and head.get("dl", 1) == 0:
         raise ProtocolError("PULL.dl must be > 0 milliseconds (leave it out for the server's default)")
     data = list(frames[1:])

@@ -716,8 +716,8 @@ class ShardServer:
                 a = i * per
                 self.optimizer.step(grads[a:a + per], lr_scale, first=a, count=i == 0)
             self._pool.run(piece, pieces)
-        else:
-            self.optimizer.step(grads, lr_scale)
+        else:   # the gradients were checked against the plan on arrival (and sums are of those)
+            self.optimizer.step_whole(grads, lr_scale)
         self.store.version += 1
         n = self.settings.checkpoint_every_steps
         if n and self.settings.checkpoint_dir and self.optimizer.steps % n == 0:
@@ -812,10 +812,16 @@ class ShardServer:
         self._advance_time()
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
-        self._need_plan(msg)
-        w, seq, clk = msg["w"], msg["seq"], msg["clk"]
-        self._check_worker(w, msg["inc"], msg.header.get("to"))
-        off, segs = self._check_segment(msg)
+        if self.plan is None:
+            self._need_plan(msg)
+        head = msg.header
+        w, seq, clk = head["w"], head["seq"], head["clk"]
+        self._check_worker(w, head["inc"], head.get("to"))
+        if "segs" in head or "off" in head:
+            off, segs = self._check_segment(msg)
+        else:   # the whole range in one message (what _check_segment checks of it)
+            off, segs = 0, 1
+            proto.check_layout(msg, self.store.n, self.plan.frame_elems)
         if self.ledger.applied(w, seq):
             self.stats["dup_pushes"] += 1
             self._reply(ident, msg, {"step": self.optimizer.steps, "dup": True})
@@ -823,7 +829,7 @@ class ShardServer:
         if not self._initialized:
             raise ProtocolError("no weights yet: INIT before pushing", ErrorCode.NOT_INITIALIZED)
         key = (w, seq)
-        refused = self._refused.get(key)
+        refused = self._refused.get(key) if self._refused else None
         if refused is not None:   # the rest of a refused push; once all of it is seen, forget it
             refused[1].add(off)
             if len(refused[1]) >= refused[0]:
@@ -842,8 +848,7 @@ class ShardServer:
             raise ProtocolError(text, ErrorCode.NONFINITE)
         grads = [torch.from_numpy(a) for a in arrays]
         if segs == 1:
-            self._apply_push(w, seq, clk, msg["tick"], msg.header.get("rs"), grads,
-                             [(ident, msg.rid)])
+            self._apply_push(w, seq, clk, head["tick"], head.get("rs"), grads, [(ident, msg.rid)])
             return
         # a segment of a longer push: hold it (its frames, no copy) until the last one is in
         self.stats["segments"] += 1
@@ -1111,8 +1116,7 @@ def _writable_views(msg: Message) -> list[np.ndarray]:
     """fp32 views of received frames (ZeroMQ's receive buffers; no copy)."""
     out = []
     for f in msg.frames:
-        buf = f.buffer if isinstance(f, zmq.Frame) else f
-        arr = np.frombuffer(buf, dtype=proto.WIRE_DTYPE)
+        arr = np.frombuffer(f, dtype=proto.WIRE_DTYPE)   # a zmq.Frame is a writable buffer
         if not arr.flags.writeable:  # bytes: copy once rather than warn on every step
             arr = arr.copy()
         out.append(arr)

@@ -650,8 +650,8 @@ def test_held_replies_leave_before_a_long_update(idle_server, zctx):
     try:
         srv._outbox = [(ident, proto.encode(MsgType.ECHO_OK, {"rid": 7, "n": 0, "time": 0.0}), 32)]
         at_step = []
-        step = srv.optimizer.step
-        srv.optimizer.step = lambda *a, **k: (at_step.append(list(srv._outbox)), step(*a, **k))
+        step = srv.optimizer.step_whole
+        srv.optimizer.step_whole = lambda *a, **k: (at_step.append(list(srv._outbox)), step(*a, **k))
         srv._apply_step([torch.zeros(b - a) for a, b in plan.frames_of(0)], 1.0)
         assert at_step == [[]]                             # sent before the update began
         assert d.poll(int(REPLY_TIMEOUT * 1000)) and proto.decode(d.recv_multipart()).rid == 7

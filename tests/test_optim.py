@@ -93,6 +93,25 @@ def test_forloop_implementation_is_bit_identical_to_torch(case):
     assert torch.equal(run_shard(spec, grads, impl="forloop"), run_reference(spec, grads))
 
 
+@pytest.mark.parametrize("impl", ["auto", "forloop"])
+@pytest.mark.parametrize("case", CASES)
+def test_step_whole_is_step_without_the_checks(case, impl):
+    # the server's request path: gradients checked on arrival, a scaled learning rate
+    spec = CASES[case]
+    grads = grad_sequence(8)
+    shards = []
+    for whole in (False, True):
+        shard = initial_weights()
+        opt = ShardOptimizer(shard, spec, CHUNK, impl=impl)
+        for k, g in enumerate(grads):
+            (opt.step_whole if whole else opt.step)(chunked(g), 1.0 / (1 + k % 3))
+        shards.append((shard, opt.steps, opt.state_dict()["buffers"]))
+    (a, steps_a, bufs_a), (b, steps_b, bufs_b) = shards
+    assert torch.equal(a, b) and steps_a == steps_b == len(grads)
+    assert bufs_a.keys() == bufs_b.keys() and all(torch.equal(bufs_a[k], bufs_b[k]) for k in bufs_a)
+    assert not torch.equal(a, initial_weights())
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_runs_the_fused_implementation(case):
     opt = ShardOptimizer(initial_weights(), CASES[case], CHUNK)

@@ -584,6 +584,50 @@ def test_decode_of_random_headers_raises_only_protocol_error(head, frames):
     assert isinstance(msg.type, MsgType) and _holds_its_schema(msg)
 
 
+def _decoded(frames) -> tuple:
+    try:
+        msg = decode(frames)
+    except ProtocolError as exc:
+        return ("error", exc.code, str(exc))
+    return ("message", msg.type, msg.header, len(msg.frames))
+
+
+@FUZZ
+@given(random_headers())
+def test_the_unrolled_header_check_decides_exactly_as_the_rules(head):
+    # decode's straight-line check per type may only shortcut the walk over the rules:
+    # decode's verdict (the message, or the error and its text) is the same without it
+    from common import protocol
+    msg_type = protocol._TYPE_OF_CODE.get(head["t"]) if type(head["t"]) is int else None
+    frames = [msgpack.packb(head, use_bin_type=True)]
+    if msg_type in DATA_TYPES and type(head.get("n")) is int and 0 <= head["n"] <= 64:
+        frames.append(bytes(4 * head["n"]))
+    with_quick = _decoded(frames)
+    saved = dict(protocol._QUICK_CHECK)
+    try:
+        protocol._QUICK_CHECK.update({t: (lambda h: False) for t in MsgType})
+        by_rules = _decoded(frames)
+    finally:
+        protocol._QUICK_CHECK.update(saved)
+    assert with_quick == by_rules   # a field the quick check passed that the rules refuse shows here
+
+
+@pytest.mark.parametrize("msg_type", list(MsgType), ids=lambda t: t.name)
+def test_the_unrolled_header_check_takes_every_sample_header_and_refuses_each_wrong_value(msg_type):
+    from common import protocol
+    quick = protocol._QUICK_CHECK[msg_type]
+    assert quick(dict(HEADERS[msg_type])) is True
+    for key, typ in {**SCHEMA[msg_type], **OPTIONAL.get(msg_type, {})}.items():
+        for wrong in [w for w in (None, "x", True, 1.5, 7, [1], {}) if type(w) is not typ]:
+            assert quick({**HEADERS[msg_type], key: wrong}) is False, (key, wrong)
+        if typ is int:
+            low = -(1 << 63) - 1 if key in _SIGNED else -1
+            assert quick({**HEADERS[msg_type], key: low}) is False, key
+    for key in SCHEMA[msg_type]:
+        with pytest.raises(KeyError):
+            quick({k: v for k, v in HEADERS[msg_type].items() if k != key})
+
+
 GOOD_MESSAGES = {t: good(t) for t in MsgType}
 
 
