@@ -56,6 +56,8 @@ def check_timeout(timeout, what: str = "timeout", allow_none: bool = True) -> fl
     """
     if timeout is None and allow_none:
         return None
+    if (type(timeout) is float or type(timeout) is int) and 0 < timeout < math.inf:
+        return float(timeout)   # the common case, without the costlier checks below
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
         raise ValueError(f"{what}: timeout must be {'None (the default) or ' if allow_none else ''}a finite "
                          f"number of seconds above 0, got {timeout!r}")

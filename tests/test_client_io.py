@@ -168,3 +168,32 @@ def test_waiters_fetch_their_own_replies_without_the_background_thread(server):
         assert np.allclose(weights(c), -2.0)
     finally:
         c.close()
+
+
+def test_timers_of_answered_requests_do_not_pile_up(server, client):
+    # every request arms a retry timer (here 60 s away); answered ones are pruned, so the
+    # heap stays near the requests in flight instead of growing with every request made
+    from worker.client import _TIMERS_SLACK
+    srv = server(staleness="inf", num_workers=1)
+    c = joined(srv, client, attempt_timeout=60.0, request_timeout=60.0)
+    g = np.ones(N, np.float32)
+    sizes = []
+    for k in range(3 * _TIMERS_SLACK):
+        futs = c.push(g, k).futures + c.push(g, k).futures
+        assert [f.result(10)["dup"] for f in futs] == [False, False]
+        sizes.append(len(c._timers))
+    assert max(sizes) <= 2 * 2 + _TIMERS_SLACK + 1
+    assert c.stats["retries"] == 0 and weights(c)[0] == pytest.approx(-6 * _TIMERS_SLACK * 1.0)
+
+
+def test_result_of_an_answered_request_and_of_a_failed_one(server, client):
+    srv = server(staleness="inf", num_workers=1)
+    c = joined(srv, client)
+    fut = c.push(np.ones(N, np.float32), 0).futures[0]
+    first = fut.result(10)
+    assert fut.done() and fut.result() is first and fut.result(0) is first
+    bad = c.request(0, MsgType.PULL, {"w": 0, "clk": 0, "ph": c.plan.hash + 1, "dl": 1000})
+    with pytest.raises(Exception) as info:
+        bad.result(10)
+    with pytest.raises(type(info.value)):   # answered with an error: raised every time
+        bad.result()

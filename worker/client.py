@@ -66,6 +66,8 @@ def _wait_timeout(timeout, what: str) -> float | None:
     """``timeout`` of a wait: None (no limit) or a finite number of seconds (0 or less: only look)."""
     if timeout is None:
         return None
+    if (type(timeout) is float or type(timeout) is int) and math.isfinite(timeout):
+        return float(timeout)
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout):
         raise ValueError(f"{what}: timeout must be None (no limit) or a finite number of seconds, "
                          f"got {timeout!r}")
@@ -508,7 +510,15 @@ class PSClient:
     def _schedule(self, req: "_Request") -> None:
         wait = req.attempt_timeout if req.attempt == 0 else min(
             self.settings.backoff_max * 4, req.attempt_timeout)
-        heapq.heappush(self._timers, (min(req.deadline, time.monotonic() + wait), req.rid, req.attempt))
+        timers = self._timers
+        if len(timers) > 2 * len(self._pending) + _TIMERS_SLACK:
+            # an answered request's timer stays in the heap until it would fire; at
+            # thousands of requests a second that is a heap of (rate x attempt_timeout)
+            # entries, every push into it slower: keep only those of requests in flight
+            pending = self._pending
+            timers[:] = [t for t in timers if t[1] in pending]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (min(req.deadline, time.monotonic() + wait), req.rid, req.attempt))
 
     def _next_wake(self, now: float) -> float:
         wake = self._next_beat if self._heartbeat_on else now + 1.0
@@ -663,7 +673,7 @@ class PSClient:
             req.future.set_exception(ClosedError("client closed"))
 
     def _on_reply(self, k: int, frames: list) -> None:
-        self.stats["bytes_received"] += sum(len(f) for f in frames)
+        self.stats["bytes_received"] += sum(map(len, frames))
         try:
             msg = proto.decode(frames)
         except ProtocolError as exc:
@@ -703,6 +713,8 @@ class PSClient:
                 self.endpoints[k], {"server": k}))
 
 
+#: Timers of answered requests the heap may hold beyond twice those in flight before it is pruned.
+_TIMERS_SLACK = 256
 #: Longest a waiting thread drives the sockets before it looks at the clock and close() again.
 _LEAD_SLICE = 0.05
 #: How often a thread whose reply another thread is fetching checks back (seconds).
@@ -712,6 +724,10 @@ _BG_MIN = 0.001
 #: ... backing off to this while nothing arrives (a waiting caller never waits for it);
 #: it also never sleeps longer than this, so a new request needs no wake-up call.
 _BG_MAX = 0.05
+
+
+#: concurrent.futures' state of a completed future (read without the lock: set last, under the GIL).
+_FINISHED = cf._base.FINISHED
 
 
 class _Reply(cf.Future):
@@ -727,6 +743,8 @@ class _Reply(cf.Future):
         return super().done()
 
     def result(self, timeout: float | None = None):
+        if self._state == _FINISHED and self._exception is None:
+            return self._result   # answered already (what Future.result gives, without its lock)
         timeout = _wait_timeout(timeout, "result")
         if not super().done():
             self._client._wait_for(self, timeout)
@@ -758,7 +776,7 @@ class _Request:
         self.attempt_timeout = attempt_timeout
         self.attempt = 0
         self.mtype = mtype
-        self.nbytes = sum(len(f) for f in frames)
+        self.nbytes = sum(map(len, frames))
 
     def release(self) -> None:
         """Drop the frames: ZeroMQ's tracker reports a zero-copy buffer free only then."""
