@@ -62,7 +62,9 @@ def test_quick_run_holds_every_section_with_its_figures(report):
     small = report["small"]["figures"]
     assert set(small) == {"push_d1", "push_d8", "pull_d1", "pull_d8", "exchange_d1"}
     for group in ("push_d1", "push_d8", "pull_d1", "pull_d8"):
-        assert {"zps_s1", "bare", "rpc"} <= set(small[group])
+        assert {"zps_s1", "zps_minimal_client", "bare", "rpc"} <= set(small[group])
+    # the server apart from PSClient: its minimal-client ratios are reported beside the client's
+    assert {f"small_op_minimal_client_vs_bare_depth{d}" for d in (1, 8)} <= set(report["ratios"])
     update = report["update"]["figures"]
     assert update, "no update figures"
     for per_size in update.values():

@@ -629,6 +629,62 @@ class ZpsClient:
         self.client.close()
 
 
+class MinimalProtocolClient:
+    """zps's protocol and nothing else, on a DEALER of its own.
+
+    Encode, send, a blocking receive, decode: none of what ``PSClient`` adds
+    (futures, retry timers, the map of requests in flight, counters,
+    argument checks). Against the same server it shows how fast the server
+    answers small requests, apart from the client. It speaks as the
+    ``ZpsClient``'s worker (its id, incarnation and push sequence numbers),
+    so its pushes are applied like the client's own; they complete no clock.
+    """
+
+    def __init__(self, ctx, endpoint: str, zc: ZpsClient):
+        import zmq
+        cl = zc.client
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self._seq = cl._seq[0]
+        self._rid = itertools.count(1 << 40)
+        self._data = [bytes(memoryview(f)) for f in cl._data_frames(zc.grad, 0, zc.n, zc.plan.frame_elems)]
+        self._push = {"w": cl.worker_id, "inc": cl.incarnation, "clk": 0, "ph": zc.plan.hash, "n": zc.n,
+                      "tick": False, **cl._to(0)}
+        self._pull = {"w": cl.worker_id, "clk": 0, "ph": zc.plan.hash, "dl": int(OP_TIMEOUT * 1000)}
+
+    def run(self, op: str, count: int, depth: int) -> None:
+        """``count`` pushes or pulls, at most ``depth`` unanswered at a time."""
+        from common import protocol as proto
+        from common.protocol import MsgType
+        sock, unanswered = self.sock, 0
+        for _ in range(count):
+            if unanswered >= depth:
+                self._answer()
+                unanswered -= 1
+            if op == "push":
+                frames = proto.encode(MsgType.PUSH, {"rid": next(self._rid), "seq": next(self._seq), **self._push},
+                                      self._data)
+            else:
+                frames = proto.encode(MsgType.PULL, {"rid": next(self._rid), **self._pull})
+            sock.send_multipart(frames, copy=False)
+            unanswered += 1
+        for _ in range(unanswered):
+            self._answer()
+
+    def _answer(self) -> None:
+        from common import protocol as proto
+        from common.protocol import MsgType
+        if not self.sock.poll(int(OP_TIMEOUT * 1000)):
+            raise TimeoutError(f"minimal client: no answer within {OP_TIMEOUT:.0f}s")
+        msg = proto.decode(self.sock.recv_multipart(copy=False))
+        if msg.type == MsgType.ERROR:
+            raise RuntimeError(f"minimal client: the server answered {msg['msg']}")
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
 def pipelined(issue: Callable[[], list], count: int, depth: int, wait: Callable[[Any], Any]) -> None:
     """``count`` requests, at most ``depth`` unanswered at a time."""
     q: collections.deque = collections.deque()
@@ -861,14 +917,18 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
                  "ROUTER applying plain SGD to it; bare_spin = bare with the ROUTER polling up to "
                  f"{BARE_SPIN_S * 1e6:.0f} us for the next request before it sleeps (what a ps-server does "
                  "while requests come one at a time: spin_us); rpc = rpc_async of the "
-                 "tutorial object's methods, waited in order; exchange_d1 = zps push then pull against "
-                 "one gloo all_reduce of 4 KiB"})
+                 "tutorial object's methods, waited in order; zps_minimal_client = the same server asked by "
+                 "a DEALER speaking zps's protocol and nothing else (encode, send, blocking receive, decode: "
+                 "no futures, timers or retries), how fast the server answers apart from PSClient; "
+                 "exchange_d1 = zps push then pull against one gloo all_reduce of 4 KiB"})
     jobs = {"s1": b.server(1, "inf", name="small-s1")}
     clients: dict[str, ZpsClient] = {}
+    minimal: MinimalProtocolClient | None = None
     bc = BareClient(b.ctx, rp["router_eps"][:1])
     try:
         for j, ps in jobs.items():
             clients[j] = ZpsClient(b.ready(*ps), KIB4)
+        minimal = MinimalProtocolClient(b.ctx, b.ready(*jobs["s1"])[0], clients["s1"])
         data = np.full(KIB4 * count, 1e-7, dtype=np.float32).view(np.uint8)
         for op in ("push", "pull"):
             for depth in (1, 8):
@@ -877,6 +937,8 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
                     issue = c.push_futures if op == "push" else c.pull_futures
                     cands[f"zps_{j}"] = local(lambda issue=issue: pipelined(issue, count, depth, _result),
                                               count, "ops/s")
+                cands["zps_minimal_client"] = local(lambda op=op, depth=depth: minimal.run(op, count, depth),
+                                                    count, "ops/s")
                 cands["bare"] = bc.cand(op, KIB4 * 4 * count, KIB4 * 4, depth, False, data, count, "ops/s")
                 cands["bare_spin"] = bc.cand(f"{op}_spin", KIB4 * 4 * count, KIB4 * 4, depth, False, data,
                                              count, "ops/s")
@@ -893,6 +955,8 @@ def bench_small(b: Bench, res: dict, rp: dict) -> None:
                                                     "small push+pull vs all_reduce")
     finally:
         bc.close()
+        if minimal is not None:
+            minimal.close()
         for c in clients.values():
             c.close()
         b.end(*itertools.chain.from_iterable(jobs.values()))
@@ -1200,9 +1264,11 @@ def compute_ratios(res: dict) -> dict:
         f = small["figures"]
         # bare_vs_rpc: the most any server on pyzmq could reach against rpc
         # vs_bare_spin: against bare pyzmq given the busy polling a ps-server does
+        # minimal_client_vs_bare: the server asked by a client that adds nothing to the protocol
         for cand, base, name in (("zps_s1", "bare", "vs_bare"), ("zps_s1", "rpc", "vs_rpc"),
                                  ("bare", "rpc", "bare_vs_rpc"), ("zps_s1", "bare_spin", "vs_bare_spin"),
-                                 ("bare_spin", "bare", "bare_spin_vs_bare")):
+                                 ("bare_spin", "bare", "bare_spin_vs_bare"),
+                                 ("zps_minimal_client", "bare", "minimal_client_vs_bare")):
             for d in (1, 8):
                 if cand not in f[f"push_d{d}"] or base not in f[f"push_d{d}"]:
                     continue
