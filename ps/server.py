@@ -812,9 +812,9 @@ class ShardServer:
         self._advance_time()
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
-        if self.plan is None:
-            self._need_plan(msg)
         head = msg.header
+        if self.plan is None or head.get("ph") != self.plan.hash:
+            self._need_plan(msg)   # NO_PLAN, or PLAN_MISMATCH before anything else
         w, seq, clk = head["w"], head["seq"], head["clk"]
         self._check_worker(w, head["inc"], head.get("to"))
         if "segs" in head or "off" in head:

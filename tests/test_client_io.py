@@ -192,6 +192,9 @@ def test_result_of_an_answered_request_and_of_a_failed_one(server, client):
     fut = c.push(np.ones(N, np.float32), 0).futures[0]
     first = fut.result(10)
     assert fut.done() and fut.result() is first and fut.result(0) is first
+    for bad_timeout in ("x", float("nan"), True):   # checked even when the answer is in
+        with pytest.raises(ValueError):
+            fut.result(bad_timeout)
     bad = c.request(0, MsgType.PULL, {"w": 0, "clk": 0, "ph": c.plan.hash + 1, "dl": 1000})
     with pytest.raises(Exception) as info:
         bad.result(10)

@@ -55,6 +55,27 @@ def test_staleness_aware_learning_rate_divides_by_the_measured_staleness(make_se
     assert hist == {"0": 3, "3": 1}
 
 
+@pytest.mark.parametrize("segmented", [False, True])
+def test_a_push_built_for_another_plan_of_the_same_size_is_refused_and_changes_nothing(
+        make_server, make_client, segmented):
+    srv = make_server(staleness="inf", lr=1.0)
+    c = make_client(srv)
+    plan = plan_of(128)
+    other = PartitionPlan.build([("v", (128,), "float32")], 1, frame_elems=64)   # same cut, other model
+    assert other.hash != plan.hash and other.total == plan.total
+    c.hello(plan)
+    c.init(np.zeros(128, np.float32))
+    head = {"w": 0, "inc": c.incarnation, "seq": 0, "clk": 0, "ph": other.hash, "n": 128, "tick": True}
+    if segmented:
+        head.update(off=0, segs=1)
+    with pytest.raises(RemoteError) as info:
+        c.request(0, MsgType.PUSH, head, [np.ones(64, np.float32).tobytes()] * 2).result(10)
+    assert info.value.code is ErrorCode.PLAN_MISMATCH
+    w, m = pull_flat(c, plan)
+    assert not w.any() and m["step"] == 0
+    assert push(c, plan, np.ones(128, np.float32), 0)["step"] == 1   # the right plan's push is applied
+
+
 def test_delay_compensation_adds_lambda_g_squared_times_the_weight_drift(make_server, make_client):
     lam = 0.5
     srv = make_server(staleness="inf", num_workers=2, lr=1.0, dc_lambda=lam)

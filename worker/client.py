@@ -199,6 +199,7 @@ class PSClient:
         self._queued: list[zmq.Poller] = []
         self._pending: dict[int, _Request] = {}
         self._timers: list[tuple[float, int, int]] = []   # (when, rid, attempt): resend or expire
+        self._prune_at = _TIMERS_SLACK                     # heap size that drops answered requests' timers
         self._next_beat = 0.0
         self._io_closed = False                            # sockets closed: nobody drives any more
         self._kick = threading.Event()                     # wakes the background thread
@@ -511,19 +512,23 @@ class PSClient:
         wait = req.attempt_timeout if req.attempt == 0 else min(
             self.settings.backoff_max * 4, req.attempt_timeout)
         timers = self._timers
-        if len(timers) > 2 * len(self._pending) + _TIMERS_SLACK:
+        if len(timers) > self._prune_at:
             # an answered request's timer stays in the heap until it would fire; at
             # thousands of requests a second that is a heap of (rate x attempt_timeout)
             # entries, every push into it slower: keep only those of requests in flight
             pending = self._pending
-            timers[:] = [t for t in timers if t[1] in pending]
-            heapq.heapify(timers)
+            live = [t for t in timers if t[1] in pending]
+            heapq.heapify(live)
+            timers[:] = live   # one step: the background thread's _next_wake sees a heap
+            self._prune_at = 2 * len(live) + _TIMERS_SLACK   # amortized: each entry pruned once
         heapq.heappush(timers, (min(req.deadline, time.monotonic() + wait), req.rid, req.attempt))
 
     def _next_wake(self, now: float) -> float:
         wake = self._next_beat if self._heartbeat_on else now + 1.0
-        if self._timers:
+        try:   # the background thread asks without the sockets' lock: the heap may just have emptied
             wake = min(wake, self._timers[0][0])
+        except IndexError:
+            pass
         return wake
 
     def _drive(self, timeout: float) -> int:
@@ -713,7 +718,7 @@ class PSClient:
                 self.endpoints[k], {"server": k}))
 
 
-#: Timers of answered requests the heap may hold beyond twice those in flight before it is pruned.
+#: Timers the heap may hold beyond twice those left at the last pruning before it is pruned again.
 _TIMERS_SLACK = 256
 #: Longest a waiting thread drives the sockets before it looks at the clock and close() again.
 _LEAD_SLICE = 0.05
@@ -743,9 +748,9 @@ class _Reply(cf.Future):
         return super().done()
 
     def result(self, timeout: float | None = None):
+        timeout = _wait_timeout(timeout, "result")
         if self._state == _FINISHED and self._exception is None:
             return self._result   # answered already (what Future.result gives, without its lock)
-        timeout = _wait_timeout(timeout, "result")
         if not super().done():
             self._client._wait_for(self, timeout)
         return super().result(0 if super().done() else _remaining(timeout))
