@@ -812,16 +812,11 @@ class ShardServer:
         self._advance_time()
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
+        self._need_plan(msg)
         head = msg.header
-        if self.plan is None or head.get("ph") != self.plan.hash:
-            self._need_plan(msg)   # NO_PLAN, or PLAN_MISMATCH before anything else
         w, seq, clk = head["w"], head["seq"], head["clk"]
         self._check_worker(w, head["inc"], head.get("to"))
-        if "segs" in head or "off" in head:
-            off, segs = self._check_segment(msg)
-        else:   # the whole range in one message (what _check_segment checks of it)
-            off, segs = 0, 1
-            proto.check_layout(msg, self.store.n, self.plan.frame_elems)
+        off, segs = self._check_segment(msg)
         if self.ledger.applied(w, seq):
             self.stats["dup_pushes"] += 1
             self._reply(ident, msg, {"step": self.optimizer.steps, "dup": True})
@@ -916,7 +911,11 @@ class ShardServer:
 
     def _check_segment(self, msg: Message) -> tuple[int, int]:
         """``(off, segs)`` of a PUSH, its frame layout checked (a whole range is ``(0, 1)``)."""
-        off, segs = msg.header.get("off", 0), msg.header.get("segs", 1)
+        head = msg.header
+        if "segs" not in head and "off" not in head:   # the whole range in one message
+            proto.check_layout(msg, self.store.n, self.plan.frame_elems)
+            return 0, 1
+        off, segs = head.get("off", 0), head.get("segs", 1)
         n, total, fe = msg["n"], self.store.n, self.plan.frame_elems
         if segs < 1:
             raise ProtocolError(f"PUSH.segs must be >= 1, got {segs}")

@@ -654,23 +654,19 @@ class MinimalProtocolClient:
         self._pull = {"w": cl.worker_id, "clk": 0, "ph": zc.plan.hash, "dl": int(OP_TIMEOUT * 1000)}
 
     def run(self, op: str, count: int, depth: int) -> None:
-        """``count`` pushes or pulls, at most ``depth`` unanswered at a time."""
+        """``count`` pushes or pulls, at most ``depth`` unanswered at a time (answered in order)."""
+        pipelined(lambda: self._send(op), count, depth, lambda _: self._answer())
+
+    def _send(self, op: str) -> list:
         from common import protocol as proto
         from common.protocol import MsgType
-        sock, unanswered = self.sock, 0
-        for _ in range(count):
-            if unanswered >= depth:
-                self._answer()
-                unanswered -= 1
-            if op == "push":
-                frames = proto.encode(MsgType.PUSH, {"rid": next(self._rid), "seq": next(self._seq), **self._push},
-                                      self._data)
-            else:
-                frames = proto.encode(MsgType.PULL, {"rid": next(self._rid), **self._pull})
-            sock.send_multipart(frames, copy=False)
-            unanswered += 1
-        for _ in range(unanswered):
-            self._answer()
+        if op == "push":
+            frames = proto.encode(MsgType.PUSH, {"rid": next(self._rid), "seq": next(self._seq), **self._push},
+                                  self._data)
+        else:
+            frames = proto.encode(MsgType.PULL, {"rid": next(self._rid), **self._pull})
+        self.sock.send_multipart(frames, copy=False)
+        return [None]   # the answer is the next one to arrive: nothing to tell it by
 
     def _answer(self) -> None:
         from common import protocol as proto
