@@ -23,7 +23,7 @@ from common.config import JobSettings, check_timeout
 from common.errors import ClosedError, DeadlineExceeded, ProtocolError, ZPSError, remote_error
 from common.protocol import Message, MsgType
 from common.security import CurveKeys
-from common.transport import connect, make_dealer
+from common.transport import connect, make_dealer, send_by
 
 log = logging.getLogger("zps.control")
 
@@ -42,8 +42,8 @@ def request_once(endpoint: str, msg_type: MsgType, header: dict | None = None, t
         if secure is not None:
             secure(sock)
         connect(sock, endpoint)
-        sock.send_multipart(proto.encode(msg_type, {"rid": 1, **(header or {})}))
-        if not sock.poll(int(timeout * 1000)):
+        if not send_by(sock, proto.encode(msg_type, {"rid": 1, **(header or {})}), time.monotonic() + timeout) \
+                or not sock.poll(int(timeout * 1000)):
             raise DeadlineExceeded(f"{endpoint} did not answer {msg_type.name} within {timeout:.0f}s")
         reply = proto.decode(sock.recv_multipart())
         if reply.type == MsgType.ERROR:
@@ -92,8 +92,11 @@ class CoordinatorLink:
         sock = sock or self._sock
         t = self.timeout if timeout is None else timeout
         rid = next(self._rid)
-        sock.send_multipart(proto.encode(msg_type, {"rid": rid, **(header or {})}))
         deadline = time.monotonic() + t
+        if not send_by(sock, proto.encode(msg_type, {"rid": rid, **(header or {})}), deadline):
+            raise DeadlineExceeded(f"could not send {msg_type.name} to coordinator {self.url} within {t:.0f}s: "
+                                   "no connection to it (is it running and reachable, and do the CURVE "
+                                   "keys of both sides match?)")
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000) + 1):

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 import sys
+import time
 from urllib.parse import urlparse
 
 import zmq
@@ -114,6 +115,23 @@ def send_now(sock: zmq.Socket, frames: list) -> None:
     for f in frames[:-1]:
         sock.send(f, _NOBLOCK_MORE, copy=False)
     sock.send(frames[-1], _NOBLOCK, copy=False)
+
+
+def send_by(sock: zmq.Socket, frames: list, deadline: float) -> bool:
+    """Queue one multipart message, waiting until ``deadline`` (``time.monotonic()``) for room.
+
+    False if there was none by then. A DEALER with no connection to send on
+    (its peer's CURVE handshake refused it, say) would otherwise block in
+    ``send`` for ever.
+    """
+    while True:
+        try:
+            send_now(sock, frames)
+            return True
+        except zmq.Again:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
+                return False
 
 
 def recv_now(sock: zmq.Socket) -> list:

@@ -153,3 +153,32 @@ def test_after_a_shutdown_the_coordinator_stays_until_every_training_worker_was_
         worker.close()
         server.close()
         coord.shutdown(5)
+
+
+def test_a_request_with_no_connection_to_send_on_fails_by_its_deadline(zctx):
+    # a DEALER whose peer never completes a handshake (a CURVE coordinator refusing a plain
+    # client; here: nothing listens and IMMEDIATE keeps the pipe away) blocks in a plain send
+    import socket
+    import time
+
+    import zmq
+
+    from common.control import CoordinatorLink
+    from common.errors import DeadlineExceeded
+    from common.protocol import MsgType
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    link = CoordinatorLink(nobody, "worker", ctx=zctx, timeout=0.5)
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(nobody)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="could not send STATUS"):
+            link.call(MsgType.STATUS, {}, 0.5, sock=sock)
+        assert time.monotonic() - t0 < 5
+    finally:
+        sock.close(0)
+        link.close()
