@@ -42,8 +42,9 @@ def request_once(endpoint: str, msg_type: MsgType, header: dict | None = None, t
         if secure is not None:
             secure(sock)
         connect(sock, endpoint)
-        if not send_by(sock, proto.encode(msg_type, {"rid": 1, **(header or {})}), time.monotonic() + timeout) \
-                or not sock.poll(int(timeout * 1000)):
+        deadline = time.monotonic() + timeout   # the send's wait for a connection counts against it
+        if not send_by(sock, proto.encode(msg_type, {"rid": 1, **(header or {})}), deadline) \
+                or not sock.poll(max(0, int((deadline - time.monotonic()) * 1000)) + 1):
             raise DeadlineExceeded(f"{endpoint} did not answer {msg_type.name} within {timeout:.0f}s")
         reply = proto.decode(sock.recv_multipart())
         if reply.type == MsgType.ERROR:
