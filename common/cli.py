@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 try:
@@ -111,13 +113,21 @@ def print_ready(role: str, rank: int, endpoint: str, **extra: Any) -> None:
     sys.stdout.flush()
 
 
-def on_stop_signal(callback: Callable[[int], None]) -> threading.Event:
+def on_stop_signal(callback: Callable[[int], None], grace: float | None = None,
+                   stacks_file: Callable[[], str] | None = None) -> threading.Event:
     """Call ``callback(signum)`` on the first SIGTERM/SIGINT (from the main thread); return an Event set then.
 
     Later signals are ignored: a handler runs on top of whatever the main
     thread was doing, the first handler included, and a second one taking
     the locks the interrupted first one holds (``Event.set``, the server's
     wake-up lock) would wait for itself forever.
+
+    ``grace``: the seconds the process may take to stop after that signal.
+    A process still running then writes every thread's stack to stderr (and
+    to the file ``stacks_file()`` names, if it names one) and exits with
+    128 + the signal's number: a stop signal ends the process even when its
+    clean-up waits on something that never comes (a process whose launcher
+    died has nobody left to escalate to SIGKILL).
     """
     event = threading.Event()
     fired: list[int] = []
@@ -126,12 +136,55 @@ def on_stop_signal(callback: Callable[[int], None]) -> threading.Event:
         if fired:   # plain list: no lock in the way of a handler interrupting a handler
             return
         fired.append(signum)
+        if grace is not None:   # the backstop, from a C thread: works even if no Python thread runs again
+            faulthandler.dump_traceback_later(grace + _BACKSTOP_SECONDS, exit=True)
         event.set()
         callback(signum)
 
+    if grace is not None:   # started now: starting a thread from inside a handler could wait on a lock it holds
+        threading.Thread(target=_exit_if_stuck, args=(event, fired, grace, stacks_file),
+                         name="zps-stop-watchdog", daemon=True).start()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return event
+
+
+_BACKSTOP_SECONDS = 5.0
+
+# The stop a role's clean-up is allowed: each of its waits is bounded well below this (a worker:
+# 2 s for pushes in flight, its sockets' linger; a server: 5 s for its loop, 5 s for the coordinator)
+STOP_GRACE_SECONDS = 20.0
+
+
+def _exit_if_stuck(event: threading.Event, fired: list[int], grace: float,
+                   stacks_file: Callable[[], str] | None) -> None:
+    event.wait()
+    time.sleep(grace)   # a process that stops in time takes this daemon thread with it
+    signum = fired[0]
+    prog = os.path.basename(sys.argv[0]) or "zps"
+    path = ""
+    try:
+        path = stacks_file() if stacks_file is not None else ""
+    except Exception:   # the path is a courtesy; the exit below is the point
+        path = ""
+    say = (f"{prog} (pid {os.getpid()}): still running {grace:.0f}s after {signal.Signals(signum).name}; "
+           f"exiting without finishing its clean-up. The stacks of its threads follow"
+           + (f" (also in {path})" if path else "") + ".\n")
+    targets = [sys.stderr]
+    try:
+        if path:
+            targets.append(open(path, "w"))
+    except OSError:
+        pass
+    for out in targets:
+        try:
+            out.write(say)
+            out.flush()
+            faulthandler.dump_traceback(out, all_threads=True)
+            out.flush()
+        except (OSError, ValueError):   # stderr may be a pipe whose reader is gone
+            pass
+    os._exit(128 + signum)
 
 
 def raise_interrupt(_signum: int) -> None:

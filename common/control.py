@@ -27,6 +27,8 @@ from common.transport import connect, make_dealer, send_by
 
 log = logging.getLogger("zps.control")
 
+_STOP_SLICE = 0.2   # seconds: how soon a heartbeat's wait notices the link closing
+
 VERSION = "0.1.0"
 
 
@@ -86,23 +88,34 @@ class CoordinatorLink:
         return make_dealer(self.ctx, self.url, keys=self.keys)
 
     def call(self, msg_type: MsgType, header: dict | None = None, timeout: float | None = None,
-             sock: zmq.Socket | None = None) -> Message:
-        """Send one request and wait for its reply; typed errors on failure."""
+             sock: zmq.Socket | None = None, stop: threading.Event | None = None) -> Message:
+        """Send one request and wait for its reply; typed errors on failure.
+
+        ``stop``: once set, the wait ends within a fraction of a second with
+        ``ClosedError`` (the heartbeat thread's calls, so that ``close`` need
+        not wait out a heartbeat to a coordinator that is gone).
+        """
         if self._closed:
             raise ClosedError("coordinator link is closed")
         sock = sock or self._sock
         t = self.timeout if timeout is None else timeout
         rid = next(self._rid)
         deadline = time.monotonic() + t
-        if not send_by(sock, proto.encode(msg_type, {"rid": rid, **(header or {})}), deadline):
-            raise DeadlineExceeded(f"could not send {msg_type.name} to coordinator {self.url} within {t:.0f}s: "
-                                   "no connection to it (is it running and reachable, and do the CURVE "
-                                   "keys of both sides match?)")
+        frames = proto.encode(msg_type, {"rid": rid, **(header or {})})
+        while not send_by(sock, frames, deadline if stop is None else min(deadline, time.monotonic() + _STOP_SLICE)):
+            self._check_stop(stop, msg_type)
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"could not send {msg_type.name} to coordinator {self.url} within {t:.0f}s: "
+                                       "no connection to it (is it running and reachable, and do the CURVE "
+                                       "keys of both sides match?)")
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            if left <= 0:
                 raise DeadlineExceeded(f"coordinator {self.url} did not answer {msg_type.name} within {t:.0f}s; "
                                        "is it running and reachable from this host?")
+            if not sock.poll(int((left if stop is None else min(left, _STOP_SLICE)) * 1000) + 1):
+                self._check_stop(stop, msg_type)
+                continue
             try:
                 reply = proto.decode(sock.recv_multipart())
             except ProtocolError as exc:
@@ -112,6 +125,11 @@ class CoordinatorLink:
             if reply.type == MsgType.ERROR:
                 raise remote_error(reply["code"], reply["msg"], self.url, reply.header.get("detail"))
             return reply
+
+    @staticmethod
+    def _check_stop(stop: threading.Event | None, msg_type: MsgType) -> None:
+        if stop is not None and stop.is_set():
+            raise ClosedError(f"coordinator link closed while waiting on {msg_type.name}")
 
     def register(self, want: int = -1, endpoint: str = "", timeout: float | None = None) -> tuple[int, JobSettings]:
         head = {"role": self.role, "want": want, "inc": self.inc, "endpoint": endpoint,
@@ -158,13 +176,15 @@ class CoordinatorLink:
                 while not self._beat_stop.wait(interval):
                     try:
                         reply = self.call(MsgType.BEAT, {"role": self.role, "rank": self.rank, "inc": self.inc},
-                                          max(interval * 3, 2.0), sock=sock)
+                                          max(interval * 3, 2.0), sock=sock, stop=self._beat_stop)
                     except DeadlineExceeded:
                         log.warning("coordinator %s did not answer a heartbeat", self.url)
                         sock.close(linger=0)
                         sock = self._dealer()
                         continue
                     except Exception as exc:  # fenced or closed: report and keep trying
+                        if self._beat_stop.is_set():
+                            break   # the link is closing: the call was cut short on purpose
                         log.warning("heartbeat to coordinator failed: %s", exc)
                         continue
                     self.state = reply["state"]

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
-from common.cli import (add_common, add_settings, fail, folder_problem, load_job, on_stop_signal,
-                        print_ready, settings_from_args, setup_logging)
+from common.cli import (STOP_GRACE_SECONDS, add_common, add_settings, fail, folder_problem, load_job,
+                        on_stop_signal, print_ready, settings_from_args, setup_logging)
 from common.config import CoordinatorSettings, JobSettings, ServerSettings
 from common.errors import ConfigError, ZPSError
 
@@ -125,7 +125,9 @@ def server_main(argv: list[str] | None = None) -> int:
         except (ZPSError, OSError) as exc:   # ConfigError, CheckpointError (--restore)
             sock.close(linger=0)
             return fail(str(exc), 1)
-        stop = on_stop_signal(lambda signum: server.request_stop())
+        # bounded unless a final checkpoint is to be written (as long as the model takes)
+        stop = on_stop_signal(lambda signum: server.request_stop(), grace=None if settings.checkpoint_dir
+                              else STOP_GRACE_SECONDS + 2 * settings.transport.linger)
         server.run_in_background(spin=True)   # this thread only waits for it
         if link is not None:
             reported = [()]   # the list last handed over: the loop is woken only when it changes
@@ -236,7 +238,7 @@ def coordinator_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         coord.shutdown(1)
         return fail(str(exc))
-    stop = on_stop_signal(lambda signum: coord.request_stop())
+    stop = on_stop_signal(lambda signum: coord.request_stop(), grace=STOP_GRACE_SECONDS)
     coord.run_in_background()
     warn_if_exposed(coord.endpoint, curve=coord.keys is not None)
     print_ready("coordinator", 0, endpoint, bound=coord.endpoint, pid=os.getpid(),

@@ -182,3 +182,28 @@ def test_a_request_with_no_connection_to_send_on_fails_by_its_deadline(zctx):
     finally:
         sock.close(0)
         link.close()
+
+
+def test_closing_a_link_does_not_wait_out_a_heartbeat_to_a_silent_coordinator(zctx):
+    # a heartbeat waits up to 3 intervals for its answer; close() cuts that wait short
+    import time
+
+    import zmq
+
+    from common.control import CoordinatorLink
+    silent = zctx.socket(zmq.ROUTER)   # takes the beats, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    link = CoordinatorLink(f"tcp://127.0.0.1:{port}", "worker", ctx=zctx, timeout=5)
+    try:
+        link.start_heartbeats(1.0)   # each beat waits up to 3 s for its answer
+        assert silent.poll(10_000), "no heartbeat arrived"
+        silent.recv_multipart()      # the beat thread now waits for an answer that never comes
+        t0 = time.monotonic()
+        link.close()
+        took = time.monotonic() - t0
+        assert took < 1.5, f"close took {took:.1f}s: it waited out the heartbeat"
+        assert not link._beat_thread.is_alive()
+    finally:
+        link.close()
+        silent.close(0)

@@ -3,6 +3,7 @@ import dataclasses
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -175,3 +176,46 @@ def test_a_malformed_address_is_refused_with_its_expected_form(address):
         request_once(address, MsgType.STATUS, timeout=1)
     out = subprocess.run(bin_cmd("ps-worker", "--coordinator", address), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--coordinator" in out.stderr and "tcp://HOST:PORT" in out.stderr, out.stderr
+
+
+_STOPPING = """
+import sys, threading
+sys.path.insert(0, {root!r})
+from common.cli import on_stop_signal
+
+def clean_up_that_never_ends():
+    threading.Event().wait(120)
+
+stop = on_stop_signal(lambda signum: None, grace=1.0, stacks_file=lambda: sys.argv[1])
+print("READY {{}}", flush=True)
+stop.wait(120)
+if sys.argv[2] == "hangs":
+    clean_up_that_never_ends()
+sys.exit(7)
+"""
+
+
+@pytest.mark.parametrize("clean_up", ["hangs", "ends"])
+def test_a_stop_whose_clean_up_hangs_ends_after_the_grace_with_every_threads_stack(tmp_path, clean_up):
+    """The grace bounds a stop; a process that overruns it says where it was stuck, in stderr and a file."""
+    stacks = tmp_path / "stacks.txt"
+    proc = subprocess.Popen([sys.executable, "-c",
+                             _STOPPING.format(root=ROOT), str(stacks), clean_up],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("READY"), proc.stderr.read()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    if clean_up == "ends":
+        assert proc.returncode == 7 and not stacks.exists(), err
+        return
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert took >= 1.0, f"exited {took:.2f}s after SIGTERM, before its 1 s grace"
+    assert "still running 1s after SIGTERM" in err and "clean_up_that_never_ends" in err, err
+    assert "clean_up_that_never_ends" in stacks.read_text()

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import threading
 
-from common.cli import (add_common, add_settings, fail, file_problem, folder_problem, load_job, on_stop_signal,
-                        print_ready, raise_interrupt, settings_from_args, setup_logging)
+from common.cli import (STOP_GRACE_SECONDS, add_common, add_settings, fail, file_problem, folder_problem, load_job,
+                        on_stop_signal, print_ready, raise_interrupt, settings_from_args, setup_logging)
 from common.config import WorkerSettings
 from common.errors import EXIT_JOB_STOPPED, ClosedError, ConfigError, JobStopped, ZPSError
 
@@ -92,7 +92,12 @@ def run_builtin(settings: WorkerSettings) -> int:
     # the clean-up); a watcher thread also interrupts the session once it exists, for an interrupt
     # raised inside code that swallows it (an import running when the signal came did, and the
     # loop went on waiting on a dead server)
-    stop = on_stop_signal(raise_interrupt)
+    joined: list = []   # the session, once there is one (its rank names the stacks file)
+
+    def stacks_file() -> str:
+        rank = joined[0].rank if joined else settings.rank
+        return os.path.join(settings.out, f"worker{rank}-stop-stacks.txt") if settings.out else ""
+    stop = on_stop_signal(raise_interrupt, grace=STOP_GRACE_SECONDS, stacks_file=stacks_file)
     from common.control import CoordinatorLink
     from common.security import CurveKeys
 
@@ -137,6 +142,8 @@ def run_builtin(settings: WorkerSettings) -> int:
                        curve_keys=settings.curve_keys)
     except (ZPSError, OSError) as exc:
         return fail(f"cannot join the job: {exc}", 1)
+
+    joined.append(session)
 
     def interrupt_when_stopped() -> None:
         stop.wait()
