@@ -201,9 +201,13 @@ class CoordinatorLink:
         if self._closed:
             return
         self._beat_stop.set()
+        stuck = False
         if self._beat_thread is not None:
             self._beat_thread.join(10)
+            stuck = self._beat_thread.is_alive()
         self._closed = True
         self._sock.close(linger=500)
-        if self._own_ctx:
+        if stuck:   # its socket is still open: ctx.term() would wait for ever
+            log.error("the heartbeat thread did not stop within 10s; leaving its socket to the process's exit")
+        elif self._own_ctx:
             self.ctx.term()

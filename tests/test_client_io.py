@@ -200,3 +200,25 @@ def test_result_of_an_answered_request_and_of_a_failed_one(server, client):
         bad.result(10)
     with pytest.raises(type(info.value)):   # answered with an error: raised every time
         bad.result()
+
+
+def test_an_io_thread_that_fails_closes_the_sockets_and_fails_what_waits(server, client, monkeypatch):
+    """A bug in the background thread must not leave close() waiting on ctx.term() for ever."""
+    srv = server()
+    a = joined(srv, client, 0)
+    parked = a.pull(1, timeout=60)             # parks: worker 1 never completes clock 0
+
+    def broken(_timeout):
+        raise RuntimeError("a bug in the I/O path")
+    monkeypatch.setattr(a, "_drive", broken)   # the background thread's next round fails
+    a._kick.set()
+    a._thread.join(10)
+    assert not a._thread.is_alive()
+    with pytest.raises(ClosedError, match="I/O thread failed .*a bug in the I/O path"):
+        a.push(np.ones(N, np.float32), 0)
+    with pytest.raises(ClosedError):
+        parked.wait(5)                         # failed at once, not at its 60 s deadline
+    closing = threading.Thread(target=a.close, args=(5,))
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive(), "close() waits on ctx.term() for sockets nobody will close"

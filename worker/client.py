@@ -202,6 +202,7 @@ class PSClient:
         self._prune_at = _TIMERS_SLACK                     # heap size that drops answered requests' timers
         self._next_beat = 0.0
         self._io_closed = False                            # sockets closed: nobody drives any more
+        self._io_failure: BaseException | None = None      # what ended the I/O thread, if not close()
         self._kick = threading.Event()                     # wakes the background thread
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -256,10 +257,18 @@ class PSClient:
         if self._thread is not None:
             self._kick.set()
             self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.error("client I/O thread did not stop within %.1fs", timeout)
+            if self._thread.is_alive():   # its sockets are still open: ctx.term() would wait for ever
+                log.error("client I/O thread did not stop within %.1fs; leaving its sockets to the process's "
+                          "exit", timeout)
+                return
         if self._own_ctx:
             self.ctx.term()
+
+    def _closed_error(self) -> ClosedError:
+        if self._io_failure is not None:
+            return ClosedError(f"client I/O thread failed ({type(self._io_failure).__name__}: "
+                               f"{self._io_failure}); see the log, and start a new client")
+        return ClosedError("client is closed or not started")
 
     def __enter__(self) -> "PSClient":
         return self.start()
@@ -286,8 +295,8 @@ class PSClient:
                 raise ValueError(f"server must be in [0, {len(self.endpoints)}) (the client's endpoints), "
                                  f"got {server!r}")
             server = int(server)
-        if self._closed or self._thread is None:
-            raise ClosedError("client is closed or not started")
+        if self._closed or self._thread is None or self._io_closed:
+            raise self._closed_error()
         rid = next(self._rid)
         frames = proto.encode(msg_type, {"rid": rid, **(header or {})}, frames)
         tracker = None
@@ -625,7 +634,21 @@ class PSClient:
                 self._io.release()
 
     def _background(self) -> None:
-        """Heartbeats, retries, deadlines, and replies nobody waits for."""
+        """Heartbeats, retries, deadlines, and replies nobody waits for.
+
+        However it ends, it closes the sockets and fails what is pending: a
+        thread that died with them open would leave ``close`` waiting on
+        ``ctx.term()`` for ever, and every request waiting for its deadline.
+        """
+        try:
+            self._serve_io()
+        except BaseException as exc:
+            self._io_failure = exc
+            log.exception("client I/O thread of worker %d failed; the client is unusable now", self.worker_id)
+        finally:
+            self._shutdown_io()
+
+    def _serve_io(self) -> None:
         idle = _BG_MIN
         while not self._closed:
             now = time.monotonic()
@@ -643,7 +666,6 @@ class PSClient:
                 finally:
                     self._io.release()
                 idle = _BG_MIN if handled else min(_BG_MAX, idle * 2)
-        self._shutdown_io()
 
     def _shutdown_io(self) -> None:
         # a thread driving the sockets lets go within one slice once _closed is set
