@@ -170,13 +170,13 @@ def _exit_if_stuck(event: threading.Event, fired: list[int], grace: float,
     say = (f"{prog} (pid {os.getpid()}): still running {grace:.0f}s after {signal.Signals(signum).name}; "
            f"exiting without finishing its clean-up. The stacks of its threads follow"
            + (f" (also in {path})" if path else "") + ".\n")
-    targets = [sys.stderr]
+    targets = []   # the file first: a write to a stderr pipe nobody reads may block (the backstop ends that)
     try:
         if path:
             targets.append(open(path, "w"))
     except OSError:
         pass
-    for out in targets:
+    for out in targets + [sys.stderr]:
         try:
             out.write(say)
             out.flush()
