@@ -27,7 +27,7 @@ from common.transport import connect, make_dealer, send_by
 
 log = logging.getLogger("zps.control")
 
-_STOP_SLICE = 0.2   # seconds: how soon a heartbeat's wait notices the link closing
+_STOP_SLICE = 0.2   # seconds: how soon a call's wait notices the link closing or interrupted
 
 VERSION = "0.1.0"
 
@@ -80,6 +80,7 @@ class CoordinatorLink:
         self._sock = self._dealer()
         self._beat_thread: threading.Thread | None = None
         self._beat_stop = threading.Event()
+        self._cut = threading.Event()   # interrupt(): every call of the caller's ends now
         self.state = "waiting"
         self.dead_workers: list[int] = []
         self._closed = False
@@ -91,18 +92,21 @@ class CoordinatorLink:
              sock: zmq.Socket | None = None, stop: threading.Event | None = None) -> Message:
         """Send one request and wait for its reply; typed errors on failure.
 
-        ``stop``: once set, the wait ends within a fraction of a second with
-        ``ClosedError`` (the heartbeat thread's calls, so that ``close`` need
-        not wait out a heartbeat to a coordinator that is gone).
+        ``stop`` (default: the one :meth:`interrupt` sets): once set, the wait
+        ends within a fraction of a second with ``ClosedError`` (so that
+        ``close`` need not wait out a heartbeat to a coordinator that is gone,
+        and a stop signal need not wait out a barrier).
         """
         if self._closed:
             raise ClosedError("coordinator link is closed")
+        stop = self._cut if stop is None else stop
+        self._check_stop(stop, msg_type)
         sock = sock or self._sock
         t = self.timeout if timeout is None else timeout
         rid = next(self._rid)
         deadline = time.monotonic() + t
         frames = proto.encode(msg_type, {"rid": rid, **(header or {})})
-        while not send_by(sock, frames, deadline if stop is None else min(deadline, time.monotonic() + _STOP_SLICE)):
+        while not send_by(sock, frames, min(deadline, time.monotonic() + _STOP_SLICE)):
             self._check_stop(stop, msg_type)
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"could not send {msg_type.name} to coordinator {self.url} within {t:.0f}s: "
@@ -113,7 +117,7 @@ class CoordinatorLink:
             if left <= 0:
                 raise DeadlineExceeded(f"coordinator {self.url} did not answer {msg_type.name} within {t:.0f}s; "
                                        "is it running and reachable from this host?")
-            if not sock.poll(int((left if stop is None else min(left, _STOP_SLICE)) * 1000) + 1):
+            if not sock.poll(int(min(left, _STOP_SLICE) * 1000) + 1):
                 self._check_stop(stop, msg_type)
                 continue
             try:
@@ -126,10 +130,17 @@ class CoordinatorLink:
                 raise remote_error(reply["code"], reply["msg"], self.url, reply.header.get("detail"))
             return reply
 
+    def interrupt(self) -> None:
+        """End the wait of a call in progress (another thread's) and refuse later calls, with ``ClosedError``.
+
+        Heartbeats go on until :meth:`close`.
+        """
+        self._cut.set()
+
     @staticmethod
-    def _check_stop(stop: threading.Event | None, msg_type: MsgType) -> None:
-        if stop is not None and stop.is_set():
-            raise ClosedError(f"coordinator link closed while waiting on {msg_type.name}")
+    def _check_stop(stop: threading.Event, msg_type: MsgType) -> None:
+        if stop.is_set():
+            raise ClosedError(f"coordinator link closed or interrupted: {msg_type.name} not answered")
 
     def register(self, want: int = -1, endpoint: str = "", timeout: float | None = None) -> tuple[int, JobSettings]:
         head = {"role": self.role, "want": want, "inc": self.inc, "endpoint": endpoint,

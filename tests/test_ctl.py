@@ -207,3 +207,41 @@ def test_closing_a_link_does_not_wait_out_a_heartbeat_to_a_silent_coordinator(zc
     finally:
         link.close()
         silent.close(0)
+
+
+def test_interrupting_a_link_ends_another_threads_wait_at_once(zctx):
+    # a stop signal's watcher interrupts the session: a barrier the loop waits in ends too
+    import threading
+    import time
+
+    import zmq
+
+    from common.control import CoordinatorLink
+    from common.errors import ClosedError
+    silent = zctx.socket(zmq.ROUTER)   # takes the request, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    link = CoordinatorLink(f"tcp://127.0.0.1:{port}", "worker", ctx=zctx, timeout=30)
+    got = []
+
+    def wait():
+        try:
+            link.barrier("finished", 30)
+        except Exception as exc:
+            got.append(exc)
+    t = threading.Thread(target=wait)
+    try:
+        t.start()
+        assert silent.poll(10_000), "the barrier request never arrived"
+        t0 = time.monotonic()
+        link.interrupt()
+        t.join(5)
+        assert not t.is_alive() and time.monotonic() - t0 < 2
+        assert len(got) == 1 and isinstance(got[0], ClosedError), got
+        with pytest.raises(ClosedError):
+            link.status(1)                 # later calls are refused, not sent
+    finally:
+        link.interrupt()
+        t.join(5)
+        link.close()
+        silent.close(0)

@@ -154,6 +154,31 @@ def test_a_worker_whose_server_died_stops_within_seconds_of_sigterm(procs):
     assert "Traceback" not in worker.tail(40), worker.tail(40)
 
 
+@pytest.mark.slow
+def test_a_worker_stopped_while_it_waits_for_the_others_to_finish_stops_within_seconds(procs, tmp_path):
+    """The stop signal's interrupt ends the waits on the coordinator too (the "finished" barrier)."""
+    coord = procs.start(bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0", "--num-servers", "1",
+                                "--num-workers", "2", "--workload", "linreg", "--steps", "3",
+                                "--staleness", "inf"), "coordinator")
+    cep = coord.wait_ready(60)["endpoint"]
+    procs.start(bin_cmd("ps-server", "--coordinator", cep, "--bind", "tcp://127.0.0.1:0"), "server0").wait_ready(60)
+    worker = procs.start(bin_cmd("ps-worker", "--coordinator", cep, "--rank", "0", "--progress", "off",
+                                 "--out", str(tmp_path)), "worker0")   # worker 1 never comes
+    worker.wait_ready(60)
+    deadline = time.monotonic() + 60
+    result = tmp_path / "metrics-w0.jsonl"
+    while not (result.exists() and len(result.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and worker.poll() is None, worker.tail(10)
+        time.sleep(0.1)   # polling for the file, bounded by the deadline
+    t0 = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 130, worker.tail(10)
+    took = time.monotonic() - t0
+    assert took < 6, f"the worker took {took:.1f}s to stop"
+    assert "interrupted" in worker.tail(10) and "Traceback" not in worker.tail(40), worker.tail(40)
+    assert not list(tmp_path.glob("*-stop-stacks.txt")), "stopped by the grace's watchdog, not by itself"
+
+
 def test_a_worker_refuses_a_device_this_torch_cannot_use(procs):
     coord = procs.start(bin_cmd("ps-coordinator", "--bind", "tcp://127.0.0.1:0", "--num-servers", "1",
                                 "--num-workers", "1", "--workload", "linreg"), "coordinator")

@@ -101,12 +101,12 @@ class Session:
     def interrupt(self) -> None:
         """Stop the training loop from another thread (a stop signal's watcher).
 
-        Whatever the loop waits on from the servers ends now, and its next
-        ``read``, ``push`` or ``step`` raises ``KeyboardInterrupt``, even where
-        the signal's own ``KeyboardInterrupt`` was lost (raised inside code
-        that swallowed it). Pushes already sent are not waited for.
+        Whatever the loop waits on from the servers or the coordinator ends
+        now, and its next ``read``, ``push`` or ``step`` raises
+        ``KeyboardInterrupt``. Pushes already sent are not waited for.
         """
         self._interrupted = True
+        self.link.interrupt()
         self.worker.client.close()
 
     def _call(self, fn, *args):

@@ -88,16 +88,23 @@ def run_builtin(settings: WorkerSettings) -> int:
     from worker.workloads import get_workload
 
     log = logging.getLogger("zps.worker")
-    # The first stop signal raises KeyboardInterrupt (later ones are ignored: they must not break
-    # the clean-up); a watcher thread also interrupts the session once it exists, for an interrupt
-    # raised inside code that swallows it (an import running when the signal came did, and the
-    # loop went on waiting on a dead server)
-    joined: list = []   # the session, once there is one (its rank names the stacks file)
+    # The first stop signal (later ones are ignored: they must not break the clean-up). Before
+    # the session exists it raises KeyboardInterrupt wherever the main thread is (an import, a
+    # wait for the coordinator). Once it exists, only a watcher thread acts: it interrupts the
+    # session, every wait on a server or the coordinator ends, and the loop's next read, push or
+    # step raises KeyboardInterrupt. Raised at an arbitrary point of the loop instead, it could
+    # land between a lock's acquire and the `with` that releases it (a reply future's condition,
+    # the client's wake-up event), and the clean-up then waited on that lock for ever.
+    joined: list = []   # the session, once there is one
+
+    def on_stop(signum: int) -> None:
+        if not joined:
+            raise_interrupt(signum)
 
     def stacks_file() -> str:
         rank = joined[0].rank if joined else settings.rank
         return os.path.join(settings.out, f"worker{rank}-stop-stacks.txt") if settings.out else ""
-    stop = on_stop_signal(raise_interrupt, grace=STOP_GRACE_SECONDS, stacks_file=stacks_file)
+    stop = on_stop_signal(on_stop, grace=STOP_GRACE_SECONDS, stacks_file=stacks_file)
     from common.control import CoordinatorLink
     from common.security import CurveKeys
 
@@ -170,7 +177,11 @@ def run_builtin(settings: WorkerSettings) -> int:
         log.warning("worker %d interrupted at clock %d", session.rank, session.clock)
         close_after_failure()
         return 130
-    except ZPSError as exc:
+    except (ZPSError, OSError) as exc:   # OSError: a metrics file, or stdout whose reader is gone
+        if session._interrupted:   # what the stop signal's interrupt ended (a flush, the final barrier)
+            log.warning("worker %d interrupted at clock %d (%s)", session.rank, session.clock, exc)
+            close_after_failure()
+            return 130
         if isinstance(exc, JobStopped) or session._stopped_at is not None:
             log.warning("worker %d stopped at clock %d: the job was shut down", session.rank, session.clock)
             close_after_failure()

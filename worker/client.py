@@ -203,6 +203,7 @@ class PSClient:
         self._next_beat = 0.0
         self._io_closed = False                            # sockets closed: nobody drives any more
         self._io_failure: BaseException | None = None      # what ended the I/O thread, if not close()
+        self._socks_closed = False
         self._kick = threading.Event()                     # wakes the background thread
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -257,9 +258,9 @@ class PSClient:
         if self._thread is not None:
             self._kick.set()
             self._thread.join(timeout)
-            if self._thread.is_alive():   # its sockets are still open: ctx.term() would wait for ever
-                log.error("client I/O thread did not stop within %.1fs; leaving its sockets to the process's "
-                          "exit", timeout)
+            if self._thread.is_alive() or not self._socks_closed:   # ctx.term() would wait for ever
+                log.error("client I/O thread did not close its sockets within %.1fs; leaving them to the "
+                          "process's exit", timeout)
                 return
         if self._own_ctx:
             self.ctx.term()
@@ -483,7 +484,7 @@ class PSClient:
         """Send a new request and arm its retry timer."""
         if self._io_closed:
             req.release()
-            req.future.set_exception(ClosedError("client closed"))
+            _fail(req.future, ClosedError("client closed"))
             return
         if not req.future.set_running_or_notify_cancel():
             return
@@ -674,17 +675,21 @@ class PSClient:
             log.error("client I/O: a waiting thread kept the sockets; closing them anyway")
         try:
             self._io_closed = True
-            for req in self._pending.values():
-                req.release()
-                req.future.set_exception(ClosedError(
-                    f"client closed before {req.mtype.name} to server {req.server} was answered"))
-            self._pending.clear()
-            self._fail_handed()
-            for sock in self._socks:
-                sock.close()
-            self._bell_rx.close(linger=0)
-            with self._bell_lock:
-                self._bell.close(linger=0)
+            try:
+                pending = list(self._pending.values())
+                self._pending.clear()
+                for req in pending:
+                    req.release()
+                    _fail(req.future, ClosedError(
+                        f"client closed before {req.mtype.name} to server {req.server} was answered"))
+                self._fail_handed()
+            finally:   # whatever failed above, the sockets close: close() terms the context only then
+                for sock in self._socks:
+                    sock.close()
+                self._bell_rx.close(linger=0)
+                with self._bell_lock:
+                    self._bell.close(linger=0)
+                self._socks_closed = True
         finally:
             if held:
                 self._io.release()
@@ -697,7 +702,7 @@ class PSClient:
             except queue.Empty:
                 return
             req.release()
-            req.future.set_exception(ClosedError("client closed"))
+            _fail(req.future, ClosedError("client closed"))
 
     def _on_reply(self, k: int, frames: list) -> None:
         self.stats["bytes_received"] += sum(map(len, frames))
@@ -743,6 +748,14 @@ class PSClient:
 #: Timers the heap may hold beyond twice those left at the last pruning before it is pruned again.
 _TIMERS_SLACK = 256
 #: Longest a waiting thread drives the sockets before it looks at the clock and close() again.
+def _fail(fut: cf.Future, exc: BaseException) -> None:
+    """Fail ``fut`` unless it was settled meanwhile (by a thread still driving the sockets)."""
+    try:
+        fut.set_exception(exc)
+    except cf.InvalidStateError:
+        pass
+
+
 _LEAD_SLICE = 0.05
 #: How often a thread whose reply another thread is fetching checks back (seconds).
 _FOLLOW_SLICE = 0.002
