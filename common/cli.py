@@ -162,7 +162,6 @@ def _exit_if_stuck(event: threading.Event, fired: list[int], grace: float,
     time.sleep(grace)   # a process that stops in time takes this daemon thread with it
     signum = fired[0]
     prog = os.path.basename(sys.argv[0]) or "zps"
-    path = ""
     try:
         path = stacks_file() if stacks_file is not None else ""
     except Exception:   # the path is a courtesy; the exit below is the point
