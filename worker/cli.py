@@ -173,22 +173,19 @@ def run_builtin(settings: WorkerSettings) -> int:
                     clock=session.clock)
         train_workload(session, workload, settings.out, settings.save,
                        settings.progress)
-    except KeyboardInterrupt:
-        log.warning("worker %d interrupted at clock %d", session.rank, session.clock)
-        close_after_failure()
-        return 130
-    except (ZPSError, OSError) as exc:   # OSError: a metrics file, or stdout whose reader is gone
-        if session._interrupted:   # what the stop signal's interrupt ended (a flush, the final barrier)
-            log.warning("worker %d interrupted at clock %d (%s)", session.rank, session.clock, exc)
-            close_after_failure()
-            return 130
-        if isinstance(exc, JobStopped) or session._stopped_at is not None:
+    except (KeyboardInterrupt, ZPSError, OSError) as exc:   # OSError: a metrics file, stdout nobody reads
+        # the stop signal's interrupt also ends a flush or the final barrier (with ClosedError)
+        if isinstance(exc, KeyboardInterrupt) or session._interrupted:
+            log.warning("worker %d interrupted at clock %d", session.rank, session.clock)
+            code = 130
+        elif isinstance(exc, JobStopped) or session._stopped_at is not None:
             log.warning("worker %d stopped at clock %d: the job was shut down", session.rank, session.clock)
-            close_after_failure()
-            return EXIT_JOB_STOPPED
-        log.error("worker %d failed at clock %d: %s", session.rank, session.clock, exc)
+            code = EXIT_JOB_STOPPED
+        else:
+            log.error("worker %d failed at clock %d: %s", session.rank, session.clock, exc)
+            code = 1
         close_after_failure()
-        return 1
+        return code
     session.close()
     return 0
 
