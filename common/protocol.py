@@ -261,13 +261,16 @@ class Message:
 
 # ----------------------------------------------------------------- encode
 def encode(msg_type: MsgType, header: dict[str, Any] | None = None,
-           frames: Sequence = ()) -> list:
+           frames: Sequence = (), rid: int | None = None) -> list:
     """Frames of one message: the msgpack header then the data frames as given.
 
     Data frames may be bytes, memoryviews, numpy arrays or ``zmq.Frame``; they
-    are not copied.  ``header`` must not hold ``v`` or ``t``.
+    are not copied.  ``header`` must not hold ``v`` or ``t``; ``rid``, if
+    given, goes in right after them (``header`` then must not hold one).
     """
     head = {"v": VERSION, "t": int(msg_type)}
+    if rid is not None:
+        head["rid"] = rid
     if header:
         head.update(header)
     return [msgpack.packb(head, use_bin_type=True), *frames]
@@ -317,32 +320,35 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError("empty message")
     if len(frames) > limits.max_frames + 1:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.max_frames + 1}")
-    hlen = frame_bytes(frames[0])
+    first = frames[0]
+    kind = type(first)
+    hlen = len(first) if kind in _LEN_IS_BYTES else frame_bytes(first)
     if hlen > limits.max_header_bytes:
         raise ProtocolError(f"header of {hlen} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
+        # a header is short: its bytes cost less than a view of a zmq.Frame
         head = msgpack.unpackb(
-            _as_bytes(frames[0]), raw=False, strict_map_key=True, use_list=True,
+            first if kind is bytes else first.bytes if kind is zmq.Frame else _as_bytes(first),
+            raw=False, strict_map_key=True, use_list=True,
             max_str_len=limits.max_str_len, max_bin_len=limits.max_str_len,
             max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(head, dict):
+    if type(head) is not dict:   # msgpack makes plain dicts, lists, ints and bools only
         raise ProtocolError(f"header must be a map, got {type(head).__name__}")
     version = head.pop("v", None)
-    if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
+    if type(version) is not int or version != VERSION:   # a bool is not an int here
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {VERSION})",
                             ErrorCode.BAD_VERSION)
     raw_type = head.pop("t", None)
-    msg_type = None
-    if isinstance(raw_type, int) and not isinstance(raw_type, bool):  # True would find HELLO
-        msg_type = _TYPE_OF_CODE.get(raw_type)
+    # True would find HELLO: only a plain int is a type code
+    msg_type = _TYPE_OF_CODE.get(raw_type) if type(raw_type) is int else None
     if msg_type is None:
         raise ProtocolError(f"unknown message type {raw_type!r}", ErrorCode.UNKNOWN_TYPE)
     rid = head.get("rid", 0)
-    if isinstance(rid, bool) or not isinstance(rid, int) or not _U64[0] <= rid <= _U64[1]:
+    if type(rid) is not int or not _U64[0] <= rid <= _U64[1]:
         raise ProtocolError(f"rid must be an unsigned 64-bit integer, got {rid!r}")
     try:
         certain = _QUICK_CHECK[msg_type](head)
@@ -369,7 +375,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         n = head["n"]
         total = 0
         for i, f in enumerate(data):
-            size = frame_bytes(f)
+            size = len(f) if type(f) in _LEN_IS_BYTES else frame_bytes(f)
             if size > limits.max_frame_bytes:
                 raise ProtocolError(f"data frame {i} of {size} bytes exceeds the limit of {limits.max_frame_bytes}")
             if size % ELEM_BYTES:

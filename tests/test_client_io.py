@@ -222,3 +222,86 @@ def test_an_io_thread_that_fails_closes_the_sockets_and_fails_what_waits(server,
     closing.start()
     closing.join(10)
     assert not closing.is_alive(), "close() waits on ctx.term() for sockets nobody will close"
+
+
+# ------------------------------------------------------------ the request future (pure logic)
+class _Driver:
+    """Stands in for PSClient: the future's waits and polls find nothing to drive."""
+
+    def _poke(self):
+        pass
+
+    def _wait_for(self, fut, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while fut._state != "FINISHED" and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.001)
+
+
+def test_a_request_future_is_running_from_the_start_and_cannot_be_cancelled():
+    from worker.client import _Reply
+    fut = _Reply(_Driver())
+    assert fut.running() and not fut.done()
+    assert fut.cancel() is False and not fut.cancelled()
+    fut.set_result("reply")
+    assert fut.done() and fut.result(0) == "reply" and fut.exception(0) is None
+    with pytest.raises(cf.InvalidStateError):
+        fut.set_result("again")
+
+
+def test_a_request_future_raises_its_error_every_time_and_runs_its_callbacks():
+    from worker.client import _Reply
+    fut = _Reply(_Driver())
+    seen = []
+    fut.add_done_callback(lambda f: seen.append(f.exception(0)))
+    err = ValueError("refused")
+    fut.set_exception(err)
+    assert seen == [err]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="refused"):
+            fut.result(0)
+    assert fut.exception() is err
+    late = []
+    fut.add_done_callback(late.append)   # added once settled: called at once
+    assert late == [fut]
+    with pytest.raises(cf.TimeoutError):
+        _Reply(_Driver()).result(0.01)
+
+
+def test_no_waiter_of_a_request_future_misses_its_settling():
+    """The settler takes no lock while nobody waits; a waiter that comes at the same moment
+    (cf.wait, as_completed, result from another thread) must still wake at once."""
+    from worker.client import _Reply
+    driver = _Driver()
+    slow = []
+    for trial in range(300):
+        futs = [_Reply(driver) for _ in range(3)]
+        go = threading.Barrier(3)
+        out = {}
+
+        def wait_all():
+            go.wait()
+            t0 = time.monotonic()
+            out["wait"] = cf.wait(futs, timeout=5)
+            out["wait_s"] = time.monotonic() - t0
+
+        def first_completed():
+            go.wait()
+            t0 = time.monotonic()
+            out["first"] = next(cf.as_completed(futs, timeout=5))
+            out["first_s"] = time.monotonic() - t0
+
+        threads = [threading.Thread(target=wait_all), threading.Thread(target=first_completed)]
+        for t in threads:
+            t.start()
+        go.wait()
+        if trial % 3:
+            time.sleep(trial % 7 * 1e-5)   # settle before, while and after the waiters look
+        for i, f in enumerate(futs):
+            f.set_result(i)
+        for t in threads:
+            t.join(10)
+        done, not_done = out["wait"]
+        assert done == set(futs) and not not_done
+        assert out["first"] in futs
+        slow += [s for s in (out["wait_s"], out["first_s"]) if s > 2]
+    assert not slow, f"waiters woke only by their timeout: {slow}"

@@ -299,12 +299,12 @@ class PSClient:
         if self._closed or self._thread is None or self._io_closed:
             raise self._closed_error()
         rid = next(self._rid)
-        frames = proto.encode(msg_type, {"rid": rid, **(header or {})}, frames)
         tracker = None
-        if track and len(frames) > 1:
-            data = [f for f in frames[1:] if isinstance(f, zmq.Frame)]
+        if track and frames:
+            data = [f for f in frames if isinstance(f, zmq.Frame)]
             if data:
                 tracker = zmq.MessageTracker(*data)
+        frames = proto.encode(msg_type, header, frames, rid)
         fut = _Reply(self)
         t = self.settings.request_timeout if timeout is None else timeout
         attempt = self.settings.attempt_timeout
@@ -333,6 +333,9 @@ class PSClient:
     def _flat(self, arr, what: str) -> np.ndarray:
         """``arr`` if it is the plan's flat vector: 1-D, C-contiguous, fp32, ``plan.total`` long."""
         n = self.plan.total
+        if type(arr) is np.ndarray and arr.dtype == _WIRE_DTYPE and arr.ndim == 1 and arr.size == n \
+                and arr.flags.c_contiguous:
+            return arr   # the usual case, without building the messages below
         want = f"a 1-D C-contiguous numpy float32 array of {n} elements (the plan's total)"
         if not isinstance(arr, np.ndarray):
             if type(arr).__module__.split(".")[0] == "torch":
@@ -352,6 +355,8 @@ class PSClient:
     def _data_frames(self, arr: np.ndarray, lo: int, hi: int, frame_elems: int) -> list:
         part = arr[lo:hi]
         if part.nbytes < _ZERO_COPY_MIN_BYTES:
+            if hi - lo <= frame_elems:
+                return [part.tobytes()]
             return [part[a:b].tobytes() for a, b in frame_slices(hi - lo, frame_elems)]
         return [zmq.Frame(memoryview(part[a:b]), copy=False, track=True)
                 for a, b in frame_slices(hi - lo, frame_elems)]
@@ -406,7 +411,8 @@ class PSClient:
         """
         timeout = check_timeout(timeout, "push")
         flat_grad = self._flat(flat_grad, "push")
-        clock = _clock(clock)
+        if type(clock) is not int or not _CLOCK_RANGE[0] <= clock <= _CLOCK_RANGE[1]:
+            clock = _clock(clock)
         if read_steps is not None:
             if len(read_steps) != len(self.endpoints):
                 raise ValueError(f"read_steps needs one step per server ({len(self.endpoints)}), "
@@ -414,11 +420,14 @@ class PSClient:
             read_steps = [_integer(s, f"read_steps[{k}]") for k, s in enumerate(read_steps)]
         futs, trackers = [], []
         fe = self.plan.frame_elems
+        bounds = self.plan.bounds
         per = self.settings.push_segment_frames * fe
         for k in range(len(self.endpoints)):
-            lo, hi = self.plan.range_of(k)
+            lo, hi = bounds[k], bounds[k + 1]
             head = {"w": self.worker_id, "inc": self.incarnation, "seq": next(self._seq[k]),
-                    "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick, **self._to(k)}
+                    "clk": clock, "ph": self.plan.hash, "n": hi - lo, "tick": tick}
+            if self.server_inc[k] is not None:   # the incarnation it is meant for (see _to)
+                head["to"] = self.server_inc[k]
             if read_steps is not None and read_steps[k] >= 0:
                 head["rs"] = read_steps[k]
             if per and hi - lo > per:
@@ -485,8 +494,6 @@ class PSClient:
         if self._io_closed:
             req.release()
             _fail(req.future, ClosedError("client closed"))
-            return
-        if not req.future.set_running_or_notify_cancel():
             return
         self.stats["requests"] += 1
         self._pending[req.rid] = req
@@ -606,8 +613,7 @@ class PSClient:
         this thread then only checks back every few milliseconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        done = cf.Future.done.__get__(fut)   # the plain state check, not _Reply.done's I/O
-        while not done():
+        while fut._state != _FINISHED:   # the plain state check, not _Reply.done's I/O
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
@@ -615,7 +621,7 @@ class PSClient:
                 try:
                     # in slices, so that a close() from another thread is noticed; once
                     # closing, the background thread fails every pending reply
-                    while not done() and not self._closed:
+                    while fut._state != _FINISHED and not self._closed:
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             return
@@ -766,35 +772,88 @@ _BG_MIN = 0.001
 _BG_MAX = 0.05
 
 
-#: concurrent.futures' state of a completed future (read without the lock: set last, under the GIL).
+#: concurrent.futures' states of a request's future (read without its lock: see _Reply).
+_RUNNING = cf._base.RUNNING
 _FINISHED = cf._base.FINISHED
 
 
 class _Reply(cf.Future):
-    """A Future whose waiter fetches its own reply (see the module docstring)."""
+    """A Future whose waiter fetches its own reply (see the module docstring).
+
+    A request is under way once it is made, so its future is RUNNING from
+    the start (``cancel`` says False). It has no Condition until a thread
+    waits on it through ``concurrent.futures`` (``cf.wait``, ``as_completed``,
+    a second thread waiting for the same reply), and the thread that holds
+    the sockets settles it without a lock while it has none (``_settle``): a
+    Condition and two lock round trips less per request. No waiter misses a
+    settling: the settler writes the state before it looks for a Condition,
+    and a waiter makes the Condition before it reads the state.
+    """
 
     def __init__(self, client: "PSClient"):
-        super().__init__()
+        # not Future.__init__, which makes the Condition at once (see __getattr__)
+        self._state = _RUNNING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
         self._client = client
 
+    def __getattr__(self, name: str):
+        if name == "_condition":   # the first waiter's: one for all, however many ask at once
+            return self.__dict__.setdefault("_condition", threading.Condition())
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _settle(self, result, exception: BaseException | None = None) -> None:
+        """``set_result(result)`` or ``set_exception(exception)``, without the lock if nobody waits on it."""
+        if self._state == _FINISHED:
+            raise cf.InvalidStateError(f"{self!r} is settled already")
+        self._result = result
+        self._exception = exception
+        self._state = _FINISHED
+        cond = self.__dict__.get("_condition")
+        if cond is not None:
+            with cond:
+                for waiter in self._waiters:
+                    if exception is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()
+
+    def set_result(self, result) -> None:
+        self._settle(result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._settle(None, exception)
+
     def done(self) -> bool:
-        if not super().done():
+        if self._state != _FINISHED:
             self._client._poke()
-        return super().done()
+        return self._state == _FINISHED
 
     def result(self, timeout: float | None = None):
         timeout = _wait_timeout(timeout, "result")
-        if self._state == _FINISHED and self._exception is None:
-            return self._result   # answered already (what Future.result gives, without its lock)
-        if not super().done():
+        if self._state != _FINISHED:
             self._client._wait_for(self, timeout)
-        return super().result(0 if super().done() else _remaining(timeout))
+            if self._state != _FINISHED:
+                return super().result(_remaining(timeout))   # raises TimeoutError, or settled meanwhile
+        if self._exception is not None:
+            try:
+                raise self._exception
+            finally:
+                self = None   # as Future.result: no cycle through the traceback
+        return self._result
 
     def exception(self, timeout: float | None = None):
         timeout = _wait_timeout(timeout, "exception")
-        if not super().done():
+        if self._state != _FINISHED:
             self._client._wait_for(self, timeout)
-        return super().exception(0 if super().done() else _remaining(timeout))
+            if self._state != _FINISHED:
+                return super().exception(_remaining(timeout))
+        return self._exception
 
 
 def _remaining(timeout: float | None) -> float:
