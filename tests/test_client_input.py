@@ -242,3 +242,26 @@ def test_our_own_wait_running_out_still_says_what_was_waited_for():
         assert time.monotonic() - t0 < 5
     finally:
         dead.close()
+
+
+def test_a_server_whose_range_is_empty_gets_no_data_frames(shard_servers):
+    """A model smaller than one alignment unit leaves a server nothing: its INIT, PUSH and
+    PULL carry zero frames (docs/PROTOCOL.md), and the job trains as with one server."""
+    from common.config import ClientSettings
+    from common.plan import PartitionPlan
+    from worker.client import PSClient
+    servers = [shard_servers(rank=k, num_servers=2, num_workers=1, staleness="inf", lr=1.0) for k in range(2)]
+    plan = PartitionPlan.build([("w", (10,), "float32")], 2, frame_elems=64)
+    sizes = [plan.size_of(k) for k in range(2)]
+    assert sorted(sizes) == [0, 10]                            # one server holds nothing
+    c = PSClient([s.endpoint for s in servers], 0, settings=ClientSettings(frame_elems=64)).start()
+    try:
+        c.hello(plan, 10)
+        assert c.init(np.zeros(10, np.float32), 10) == [True, True]
+        c.push(np.ones(10, np.float32), 0).wait(10)
+        replies = c.pull(1, 10).wait(10)
+        assert [len(m.frames) for m in replies] == [1 if n else 0 for n in sizes]
+        got = np.frombuffer(replies[sizes.index(10)].frames[0].buffer, "<f4")
+        assert np.array_equal(got, -np.ones(10, np.float32))
+    finally:
+        c.close()

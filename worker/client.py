@@ -355,7 +355,7 @@ class PSClient:
     def _data_frames(self, arr: np.ndarray, lo: int, hi: int, frame_elems: int) -> list:
         part = arr[lo:hi]
         if part.nbytes < _ZERO_COPY_MIN_BYTES:
-            if hi - lo <= frame_elems:
+            if 0 < hi - lo <= frame_elems:
                 return [part.tobytes()]
             return [part[a:b].tobytes() for a, b in frame_slices(hi - lo, frame_elems)]
         return [zmq.Frame(memoryview(part[a:b]), copy=False, track=True)
