@@ -431,7 +431,7 @@ def check_layout(msg: Message, n_expected: int, frame_elems: int, off: int = 0) 
                             f"{n_expected} elements into {want}")
     for i, f in enumerate(msg.frames):
         expect = min(frame_elems, n_expected - i * frame_elems) * ELEM_BYTES
-        if frame_bytes(f) != expect:
+        if (len(f) if type(f) in _LEN_IS_BYTES else frame_bytes(f)) != expect:
             raise ProtocolError(f"data frame {i} holds {frame_bytes(f)} bytes; the plan says {expect}")
 
 

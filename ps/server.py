@@ -401,6 +401,12 @@ class ShardServer:
     # ------------------------------------------------------------ loop
     def serve(self) -> None:
         """Run the event loop in the calling thread until SHUTDOWN or ``shutdown()``."""
+        # all_finite's sum of squares may overflow (the elements are then looked at one
+        # by one): no RuntimeWarning for it in this thread (numpy's error state is per thread)
+        with np.errstate(over="ignore"):
+            self._serve()
+
+    def _serve(self) -> None:
         poller = zmq.Poller()   # what the loop waits for: a request or the stop pipe
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
@@ -562,7 +568,10 @@ class ShardServer:
         A held reply that cannot be queued when the outbox is sent is dropped
         and counted (``send_blocked``, ``unroutable``) just the same.
         """
-        nbytes = sum(map(proto.frame_bytes, frames))
+        if len(frames) == 1 and type(frames[0]) is bytes:   # a header alone (most replies)
+            nbytes = len(frames[0])
+        else:
+            nbytes = sum(map(proto.frame_bytes, frames))
         if self._outbox is not None:
             if nbytes <= REPLY_DEFER_BYTES:
                 self._outbox.append((ident, frames, nbytes))
@@ -602,11 +611,13 @@ class ShardServer:
         self._send(ident, proto.error_frames(rid, code, message, detail))
 
     def _reply(self, ident: bytes, msg: Message, header: dict, frames: list = ()) -> None:
-        header = {"rid": msg.rid, **header}
-        self._send(ident, proto.encode(proto.REPLY_TO[msg.type], header, frames))
+        self._send(ident, proto.encode(proto.REPLY_TO[msg.type], header, frames, msg.rid))
 
     def _need_plan(self, msg: Message) -> None:
-        if self.plan is None:
+        plan = self.plan
+        if plan is not None and msg.header.get("ph") == plan.hash:
+            return   # the usual case (check_plan says what is wrong otherwise)
+        if plan is None:
             raise ProtocolError("this server has no partition plan yet: send HELLO first", ErrorCode.NO_PLAN)
         proto.check_plan(msg, self.plan.hash)
 
@@ -906,7 +917,7 @@ class ShardServer:
         self.stats["pushes"] += 1
         head = {"step": self.optimizer.steps, "dup": False}
         for ident, rid in waiters:
-            self._send(ident, proto.encode(MsgType.PUSH_OK, {"rid": rid, **head}))
+            self._send(ident, proto.encode(MsgType.PUSH_OK, head, (), rid))
         self._advance_time()
 
     def _check_segment(self, msg: Message) -> tuple[int, int]:
@@ -1098,14 +1109,20 @@ def check_restorable(path: str, meta: dict, arrays: dict) -> None:
 def all_finite(arrays: list[np.ndarray]) -> bool:
     """Whether every element is finite.
 
-    A short frame is checked element by element (numpy: the least overhead per
-    call).  A long one gets one summing pass first (torch: several times faster
-    per element than numpy's check); a sum is finite only if every element is,
-    and only a sum that is not (NaN, infinity, or an overflow) gets the closer look.
+    Every frame gets one summing pass first, and only a sum that is not finite
+    (NaN, infinity, or an overflow) gets the closer look, element by element: a
+    sum is finite only if every element is.  A short frame sums its squares
+    (numpy's dot: a third of the time of numpy's element check at 4 KiB; an
+    overflow there warns unless numpy's ``over`` error is ignored, as the
+    server's loop does), a long one its elements (torch: several times faster
+    per element than numpy's check).
     """
     for a in arrays:
-        if a.size > FINITE_BY_NUMPY_MAX_ELEMS and math.isfinite(float(torch.from_numpy(a).sum())):
-            continue
+        if a.size > FINITE_BY_NUMPY_MAX_ELEMS:
+            if math.isfinite(float(torch.from_numpy(a).sum())):
+                continue
+        elif math.isfinite(a.dot(a)):
+            continue   # a sum of squares is finite only if every element is (overflow: look closer)
         if not np.isfinite(a).all():
             return False
     return True

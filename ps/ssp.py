@@ -84,7 +84,7 @@ class SSPGate:
 
     # -- membership --------------------------------------------------------
     def check_worker(self, w: int) -> None:
-        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < self.num_workers:
+        if type(w) is not int or not 0 <= w < self.num_workers:   # a bool is not a worker id
             raise ConfigError(f"worker id {w!r} is outside this job's [0, {self.num_workers})")
 
     def join(self, w: int, incarnation: int, now: float) -> int:

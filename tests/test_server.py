@@ -215,3 +215,22 @@ def test_a_fenced_worker_rejoins_at_the_current_min_clock(make_server):
     finally:
         pw.close()
         srv.shutdown(5)
+
+
+def test_a_finite_gradient_whose_squares_overflow_is_applied_without_a_warning(make_server, make_client):
+    """The server's finiteness check sums squares first; an overflow there is no NaN and no warning."""
+    import warnings
+    srv = make_server(staleness="inf", lr=1e-30)
+    c = make_client(srv)
+    plan = plan_of(128)
+    c.hello(plan)
+    c.init(np.zeros(128, np.float32))
+    huge = np.full(128, 3e38, np.float32)            # finite; its sum of squares is not
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reply = push(c, plan, huge, 0)
+    assert reply["step"] == 1
+    w, _ = pull_flat(c, plan)
+    assert np.allclose(w, -3e8)                      # applied: -lr * g
+    assert not [x for x in caught if issubclass(x.category, RuntimeWarning)], [str(x.message) for x in caught]
+    assert c.server_stats(0)["nonfinite"] == 0
