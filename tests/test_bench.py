@@ -144,3 +144,15 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path):
     assert figures and all(_figure_ok(f) for per in figures.values() for figs in per.values()
                            for f in figs.values())
     assert not list(tmp_path.glob("partial.json.tmp*")), "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("side,op", [("client", "push"), ("client", "pull"), ("server", "push"), ("server", "pull")])
+def test_request_cost_measures_each_side_without_the_network(side, op):
+    """benchmarks/request_cost.py (the per-request Python cost, docs/BENCHMARKS.md) runs and says what it measured."""
+    script = os.path.join(ROOT, "benchmarks", "request_cost.py")
+    proc = subprocess.run([sys.executable, script, side, op, "--count", "100", "--depth", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head, _, rest = proc.stdout.strip().partition(": ")
+    assert head == f"{side} {op} depth 2"
+    assert float(rest.split()[0]) > 0 and "us/request" in rest
