@@ -619,7 +619,7 @@ class ShardServer:
             return   # the usual case (check_plan says what is wrong otherwise)
         if plan is None:
             raise ProtocolError("this server has no partition plan yet: send HELLO first", ErrorCode.NO_PLAN)
-        proto.check_plan(msg, self.plan.hash)
+        proto.check_plan(msg, plan.hash)
 
     def _check_worker(self, w: int, inc: int | None = None, to: int | None = None) -> None:
         try:

@@ -305,3 +305,29 @@ def test_no_waiter_of_a_request_future_misses_its_settling():
         assert out["first"] in futs
         slow += [s for s in (out["wait_s"], out["first_s"]) if s > 2]
     assert not slow, f"waiters woke only by their timeout: {slow}"
+
+
+def test_of_two_threads_settling_a_request_future_at_once_one_wins():
+    """The I/O thread answering a reply while close() fails it: the future keeps one outcome."""
+    from worker.client import _Reply
+    for _ in range(200):
+        fut = _Reply(_Driver())
+        go = threading.Barrier(2)
+        outcomes = []
+
+        def settle(how):
+            go.wait()
+            try:
+                how()
+                outcomes.append(True)
+            except cf.InvalidStateError:
+                outcomes.append(False)
+        threads = [threading.Thread(target=settle, args=(lambda: fut.set_result("reply"),)),
+                   threading.Thread(target=settle, args=(lambda: fut.set_exception(ClosedError("closed")),))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert sorted(outcomes) == [False, True]
+        won_reply = fut.exception(0) is None
+        assert (fut.result(0) == "reply") if won_reply else isinstance(fut.exception(0), ClosedError)

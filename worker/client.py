@@ -806,7 +806,8 @@ class _Reply(cf.Future):
 
     def _settle(self, result, exception: BaseException | None = None) -> None:
         """``set_result(result)`` or ``set_exception(exception)``, without the lock if nobody waits on it."""
-        if self._state == _FINISHED:
+        mine = object()   # dict.setdefault is atomic: of two threads settling at once, one wins
+        if self._state == _FINISHED or self.__dict__.setdefault("_settled_by", mine) is not mine:
             raise cf.InvalidStateError(f"{self!r} is settled already")
         self._result = result
         self._exception = exception
