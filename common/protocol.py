@@ -322,7 +322,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.max_frames + 1}")
     first = frames[0]
     kind = type(first)
-    hlen = len(first) if kind in _LEN_IS_BYTES else frame_bytes(first)
+    hlen = frame_bytes(first)
     if hlen > limits.max_header_bytes:
         raise ProtocolError(f"header of {hlen} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
@@ -375,7 +375,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         n = head["n"]
         total = 0
         for i, f in enumerate(data):
-            size = len(f) if type(f) in _LEN_IS_BYTES else frame_bytes(f)
+            size = frame_bytes(f)
             if size > limits.max_frame_bytes:
                 raise ProtocolError(f"data frame {i} of {size} bytes exceeds the limit of {limits.max_frame_bytes}")
             if size % ELEM_BYTES:
@@ -431,7 +431,7 @@ def check_layout(msg: Message, n_expected: int, frame_elems: int, off: int = 0) 
                             f"{n_expected} elements into {want}")
     for i, f in enumerate(msg.frames):
         expect = min(frame_elems, n_expected - i * frame_elems) * ELEM_BYTES
-        if (len(f) if type(f) in _LEN_IS_BYTES else frame_bytes(f)) != expect:
+        if frame_bytes(f) != expect:
             raise ProtocolError(f"data frame {i} holds {frame_bytes(f)} bytes; the plan says {expect}")
 
 
